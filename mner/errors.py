@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+Anything a user can cause (bad input file, wrong option, cache that does not fit the
+model) raises a subclass of :class:`MnerError`. The CLI prints its message as one line,
+without a traceback, and exits with status 2. Messages name the file and line (or image
+id) and say how to fix the problem.
+"""
+
+
+class MnerError(Exception):
+    """A user mistake or an environment problem with a known remedy."""
+
+
+class DataError(MnerError):
+    """Malformed dataset input (CoNLL files, side files, images folder)."""
+
+
+class ConfigError(MnerError):
+    """Unknown key, wrong type or impossible value in params.yaml or CLI overrides."""
+
+
+class CacheError(MnerError):
+    """A feature cache is missing, corrupt, or does not match what a model needs."""
+
+
+class WeightsError(MnerError):
+    """Pretrained weights cannot be loaded (offline with no local copy, wrong folder)."""

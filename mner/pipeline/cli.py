@@ -1,0 +1,69 @@
+"""The ``mner`` console script.
+
+Each stage's commands live in their own module (``mner/pipeline/cmd_*.py``) with a
+``register(app)`` function, so stages can be added without touching each other.
+User mistakes raise :class:`mner.errors.MnerError` and are printed as one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from mner.errors import MnerError
+
+app = typer.Typer(
+    name="mner",
+    help="Multimodal NER: cached vision features, BERT + fusion heads + CRF.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Order here is the order `mner --help` lists the command groups in.
+_COMMAND_MODULES = (
+    "mner.pipeline.cmd_data",
+    "mner.pipeline.cmd_extract",
+    "mner.pipeline.cmd_train",
+    "mner.pipeline.cmd_report",
+)
+
+for _name in _COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(_name)
+    except ModuleNotFoundError as exc:  # a stage not built yet
+        if exc.name != _name:
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and exit status 2."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    try:
+        app(standalone_mode=False)
+    except MnerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: partial outputs were kept aside; re-run to resume", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

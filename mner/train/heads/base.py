@@ -1,0 +1,153 @@
+"""The contract every fusion head follows, and the registry that finds heads by name.
+
+A head sits between the text encoder and the emission layer + CRF:
+
+    encoder (BERT) -> hidden (B, T, Dt) --+
+    cached visual tensors ----------------+--> head -> HeadOutput.hidden (B, T, H) -> linear -> CRF
+
+The trainer owns the encoder, the emission layer and the CRF; a head owns only its
+fusion parameters. A head declares:
+
+* ``name``: the registry key (``mner train --model NAME``);
+* ``summary``: one line for ``mner models``;
+* ``needs``: the cached datasets it reads, as ``"group/dataset"`` names from
+  ``mner.cache.schema`` (e.g. ``"resnet/grid"``); the trainer checks the cache has them
+  and passes them in :attr:`HeadInput.visual` under the same keys;
+* ``needs_text_teacher``: whether it reads the cached CLIP text-teacher embeddings;
+* ``Config``: a frozen dataclass of its hyperparameters and ablation switches, with the
+  paper's values as defaults (built strictly from ``train.head`` in params.yaml and
+  ``-o key=value`` overrides).
+
+Letters in shape comments: B batch, T sub-tokens (including [CLS] at 0 and [SEP]),
+R image regions, O objects, E entities, D dims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mner.errors import ConfigError
+
+
+@dataclass
+class HeadInput:
+    """One batch as a head sees it. All tensors are on the model's device.
+
+    Attributes:
+        hidden: (B, T, Dt) encoder states; position 0 is [CLS].
+        token_mask: (B, T) bool, True for real sub-tokens ([CLS] and [SEP] included).
+        visual: cached tensors keyed ``"group/dataset"`` as listed in the head's
+            ``needs``. Leading dim B. Rows of images whose status is not ok are zeros.
+        visual_masks: bool masks for padded visual items, keyed like ``visual`` where
+            the dataset has a variable count (e.g. ``"objects/features"``: (B, O);
+            ``"relations/labels"``: (B, O+1)). Absent for fixed-size grids.
+        image_mask: (B,) bool, True when the tweet's image was read (status ok).
+            Heads must not use the visual rows where it is False; they use a mask or a
+            learned "no image" embedding instead.
+        labels: (B, T) long tag ids at first sub-tokens, -100 elsewhere; None at
+            prediction time. Heads with auxiliary tagging losses read it.
+        label_names: the tag names indexed by ``labels`` (e.g. ``["O", "B-PER", ...]``).
+        entity_spans: (B, E, 2) long [start, end) sub-token spans of the gold entities,
+            in the order of the cached text-teacher entity embeddings; None when absent.
+        entity_mask: (B, E) bool for ``entity_spans``.
+        text_teacher: cached CLIP text embeddings when the head sets
+            ``needs_text_teacher``: ``"sentence"`` (B, Dc) and ``"entities"`` (B, E, Dc).
+    """
+
+    hidden: torch.Tensor
+    token_mask: torch.Tensor
+    visual: dict[str, torch.Tensor] = field(default_factory=dict)
+    visual_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    label_names: tuple[str, ...] = ()
+    entity_spans: torch.Tensor | None = None
+    entity_mask: torch.Tensor | None = None
+    text_teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class HeadOutput:
+    """What a head returns.
+
+    Attributes:
+        hidden: (B, T, H) token representations; H must equal ``head.out_dim``.
+        aux_losses: named scalar losses, already multiplied by their paper weights;
+            the trainer adds them to the CRF negative log-likelihood and logs each.
+        diagnostics: named per-example values (B,) for the report's histograms, e.g.
+            MAF's matching probability or a mean visual gate.
+    """
+
+    hidden: torch.Tensor
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """A head without hyperparameters."""
+
+
+class FusionHead(nn.Module):
+    """Base class of all heads. Subclasses set the class attributes and ``forward``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()
+    needs_text_teacher: ClassVar[bool] = False
+    default_scheme: ClassVar[str] = "bio2"
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, cfg, text_dim: int, feature_dims: Mapping[str, int]):
+        """Args:
+        cfg: an instance of ``self.Config``.
+        text_dim: Dt, the encoder's hidden size.
+        feature_dims: last-dim size of each cached dataset in ``needs``
+            (e.g. ``{"resnet/grid": 2048}``), read from the cache's schema.
+        """
+        super().__init__()
+        self.cfg = cfg
+        self.text_dim = text_dim
+        self.feature_dims = dict(feature_dims)
+        self.out_dim = text_dim
+
+    @classmethod
+    def required_features(cls, cfg) -> tuple[str, ...]:
+        """The cached datasets this configuration reads (ablations may need fewer)."""
+        return cls.needs
+
+    def forward(self, batch: HeadInput) -> HeadOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+HEADS: dict[str, type[FusionHead]] = {}
+
+
+def register(cls: type[FusionHead]) -> type[FusionHead]:
+    """Class decorator: add a head to :data:`HEADS` under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} has no name")
+    if cls.name in HEADS and HEADS[cls.name] is not cls:
+        raise TypeError(f"two heads are named {cls.name!r}")
+    if not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"{cls.__qualname__}.Config must be a dataclass")
+    HEADS[cls.name] = cls
+    return cls
+
+
+def get_head(name: str) -> type[FusionHead]:
+    """The head class registered as ``name``; an unknown name lists the valid ones."""
+    from mner.train import heads as _heads  # noqa: F401  (imports register every head)
+
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown model {name!r}; valid models: {', '.join(sorted(HEADS))}"
+        ) from None

@@ -1,0 +1,48 @@
+"""Shared test setup: offline, deterministic, small.
+
+Session fixtures build the generated sample dataset and a tiny-profile feature cache
+once; tests that need them take ``sample_dir`` / ``tiny_cache`` as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch/transformers are imported anywhere: never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+# Small enough for the suite to stay fast, large enough for the heads to learn the
+# image-dependent types.
+SAMPLE_SIZES = {"train": 300, "valid": 80, "test": 80}
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory):
+    """A generated sample dataset (see mner.data.sample) in a session temp folder."""
+    from mner.data.sample import SampleConfig, generate
+
+    out = tmp_path_factory.mktemp("sample")
+    generate(SampleConfig(seed=13, **{f"n_{k}": v for k, v in SAMPLE_SIZES.items()}), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(sample_dir, tmp_path_factory):
+    """A tiny-profile cache with every feature, extracted from ``sample_dir``."""
+    from mner.extract.config import ExtractConfig
+    from mner.extract.runner import run_extract
+
+    out = tmp_path_factory.mktemp("cache") / "sample.h5"
+    cfg = ExtractConfig(profile="tiny", device="cpu")
+    run_extract(
+        cfg,
+        images=sample_dir / "images",
+        data=[sample_dir / f"{s}.txt" for s in ("train", "valid", "test")],
+        out=out,
+    )
+    return out
