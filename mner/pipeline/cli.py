@@ -31,6 +31,27 @@ _COMMAND_MODULES = (
     "mner.pipeline.cmd_report",
 )
 
+@app.callback()
+def _root() -> None:
+    """Multimodal NER: cached vision features, BERT + fusion heads + CRF."""
+
+
+@app.command()
+def version() -> None:
+    """Print the mner version and the versions of the libraries it relies on."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _v
+
+    from mner import __version__
+
+    print(f"mner {__version__}")
+    for lib in ("torch", "torchvision", "transformers", "open_clip_torch", "h5py", "dvc"):
+        try:
+            print(f"{lib} {_v(lib)}")
+        except PackageNotFoundError:
+            print(f"{lib} (not installed)")
+
+
 for _name in _COMMAND_MODULES:
     try:
         _mod = importlib.import_module(_name)
@@ -45,24 +66,10 @@ def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     try:
-        app(standalone_mode=False)
+        app()  # click's standalone mode handles usage errors and exits itself
     except MnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: partial outputs were kept aside; re-run to resume", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":
