@@ -1,0 +1,248 @@
+"""``build_report``: run folders in, a traceable results report out.
+
+Writes into ``cfg.out``:
+
+* ``results.md``: per dataset, the results table, the plots, and a "Provenance"
+  section (data files and their sha256, the feature cache's path, sha256, profile and
+  vision models, the profile and mner version of every run), so any number in the
+  table can be traced to the exact inputs that produced it;
+* ``results.json``: the same numbers, machine-readable (every score as
+  ``{mean, std, n}``, per-seed values, provenance);
+* ``metrics.json``: ``{dataset: {row label: {f1, precision, recall,
+  image_dependent_f1}}}`` for ``dvc metrics show``;
+* ``dev_f1.csv`` and the PNG plots of :mod:`mner.report.plots`.
+
+Every file is written next to its final name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from mner.errors import DataError
+from mner.report import plots, tables
+from mner.report.config import ReportConfig
+from mner.report.runs import Run, assign_labels, load_runs, provenance_of
+
+log = logging.getLogger("mner.report")
+
+
+def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
+    """Read run folders and write the report.
+
+    Args:
+        cfg: the report settings; ``cfg.out`` is created if needed.
+        runs: run folders (or folders of run folders).
+
+    Returns:
+        ``{"out", "files": [written paths], "datasets": {name: number of rows},
+        "skipped": [{"path", "reason"}]}``.
+
+    Raises:
+        DataError: when no usable run is left, or a run's files are malformed.
+    """
+    loaded, skipped = load_runs(runs)
+    for path, reason in skipped:
+        log.warning("skipping %s: %s", path, reason)
+    if not loaded:
+        listed = ", ".join(f"{p} ({r})" for p, r in skipped) or "none given"
+        raise DataError(
+            f"no usable run folders: {listed}; pass folders written by mner train "
+            "(each with a metrics.json)"
+        )
+    assign_labels(loaded)
+    tabs = tables.build_tables(loaded, cfg.split, cfg.include_paper_numbers)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    figures: dict[str, list[tuple[str, str]]] = {}
+    if cfg.plots:
+        for t in tabs:
+            figs = figures.setdefault(t.dataset, [])
+            name = f"dev_f1_{plots.slug(t.dataset)}.png"
+            if plots.plot_dev_f1(t, out / name):
+                figs.append(("dev F1 per epoch", name))
+            name = f"per_type_f1_{plots.slug(t.dataset)}.png"
+            if plots.plot_per_type(t, out / name):
+                figs.append(("F1 per entity type", name))
+            for row in t.rows:
+                name = f"diagnostics_{plots.slug(t.dataset)}_{plots.slug(row.label)}.png"
+                title = f"{t.dataset} / {row.label}: diagnostics by image status (test split)"
+                if plots.plot_diagnostics(row.run, title, out / name, bins=cfg.bins):
+                    figs.append((f"{row.label} diagnostics", name))
+        written += [out / n for figs in figures.values() for _, n in figs]
+
+    generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    files = {
+        "results.md": render_markdown(cfg, tabs, figures, skipped, generated),
+        "results.json": json.dumps(results_dict(cfg, tabs, skipped, generated), indent=2) + "\n",
+        "metrics.json": json.dumps(tables.dvc_metrics(tabs), indent=2) + "\n",
+        "dev_f1.csv": plots.dev_f1_csv(tabs),
+    }
+    for name, text in files.items():
+        _write_atomic(out / name, text)
+        written.append(out / name)
+    return {
+        "out": str(out),
+        "files": [str(p) for p in written],
+        "datasets": {t.dataset: len(t.rows) for t in tabs},
+        "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _mner_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mner")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def dataset_provenance(runs: Sequence[Run]) -> dict[str, Any]:
+    """Provenance of one dataset's runs, with the inputs they share factored out.
+
+    Returns:
+        ``{"profiles": [...], "data_files": {path: sha256} | None (when runs differ),
+        "caches": [{"path", "sha256", "profile", "models", "runs": [labels]}],
+        "runs": [{"label", "run", "profile", "mner_version", "data_files"}],
+        "consistent_data": bool}``.
+    """
+    provs = [(r, provenance_of(r)) for r in runs]
+    data_sets = {json.dumps(p["data_files"], sort_keys=True) for _, p in provs}
+    caches: dict[str, dict[str, Any]] = {}
+    for r, p in provs:
+        c = p["cache"]
+        key = json.dumps(c, sort_keys=True) if c else "null"
+        entry = caches.setdefault(key, {**(c or {"path": None}), "runs": []})
+        entry["runs"].append(r.label)
+    return {
+        "profiles": sorted({str(p["profile"]) for _, p in provs}),
+        "consistent_data": len(data_sets) == 1,
+        "data_files": provs[0][1]["data_files"] if len(data_sets) == 1 else None,
+        "caches": list(caches.values()),
+        "runs": [
+            {
+                "label": r.label,
+                "run": p["run"],
+                "profile": p["profile"],
+                "mner_version": p["mner_version"],
+                "data_files": p["data_files"],
+            }
+            for r, p in provs
+        ],
+    }
+
+
+def results_dict(
+    cfg: ReportConfig,
+    tabs: Sequence[tables.Table],
+    skipped: Sequence[tuple[Path, str]],
+    generated: str,
+) -> dict[str, Any]:
+    """The content of ``results.json``."""
+    return {
+        "title": cfg.title,
+        "generated": generated,
+        "mner_version": _mner_version(),
+        "split": cfg.split,
+        "units": "percent; mean and sample std (ddof=1) over seeds",
+        "datasets": {
+            t.dataset: {
+                "paper_dataset": t.paper_dataset,
+                "columns": [h for _, h in tables.columns(t)],
+                "rows": [tables.row_dict(r) for r in t.rows],
+                "provenance": dataset_provenance(t.runs),
+            }
+            for t in tabs
+        },
+        "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
+    }
+
+
+def _short(h: Any) -> str:
+    return f"`{h}`" if h else "(not recorded)"
+
+
+def render_markdown(
+    cfg: ReportConfig,
+    tabs: Sequence[tables.Table],
+    figures: dict[str, list[tuple[str, str]]],
+    skipped: Sequence[tuple[Path, str]],
+    generated: str,
+) -> str:
+    """The content of ``results.md``."""
+    split = "test" if cfg.split == "test" else "dev"
+    n_runs = sum(len(t.rows) for t in tabs)
+    lines = [
+        f"# {cfg.title}",
+        "",
+        f"Generated {generated} by mner {_mner_version()} from {n_runs} run folder"
+        f"{'s' if n_runs != 1 else ''}. Entity-level (conlleval) scores on the {split} split, "
+        "in percent, as mean ± sample std over seeds (a single seed shows the mean only); "
+        "per-type columns are F1. `img-dep F1` is F1 on the entities the data marks as "
+        "needing the image; `s/epoch` is training time per epoch.",
+    ]
+    if skipped:
+        lines += ["", "Skipped run folders:"]
+        lines += [f"- `{p}`: {r}" for p, r in skipped]
+    for t in tabs:
+        lines += ["", f"## {t.dataset}", ""]
+        if t.paper_dataset:
+            lines += [
+                f"`paper F1` is the overall test F1 each method's paper reports on "
+                f"{t.paper_dataset.replace('twitter', 'Twitter-')} (ablation rows have none).",
+                "",
+            ]
+        lines.append(tables.markdown_table(t, cfg.digits))
+        for caption, name in figures.get(t.dataset, []):
+            lines += ["", f"![{caption}]({name})"]
+        lines += ["", "### Provenance", ""]
+        lines += _provenance_lines(dataset_provenance(t.runs))
+    return "\n".join(lines) + "\n"
+
+
+def _provenance_lines(prov: dict[str, Any]) -> list[str]:
+    lines = [f"- profile: {', '.join(prov['profiles'])}"]
+    if prov["consistent_data"]:
+        files = prov["data_files"]
+        if files:
+            lines += ["- data files (sha256):"]
+            lines += [f"  - `{f}`: {_short(h)}" for f, h in files.items()]
+        else:
+            lines += ["- data files: (not recorded)"]
+    else:
+        lines += ["- **warning: these runs were trained on different data files**; per run:"]
+        for r in prov["runs"]:
+            lines.append(f"  - {r['label']}:")
+            lines += [f"    - `{f}`: {_short(h)}" for f, h in r["data_files"].items()]
+    for c in prov["caches"]:
+        if not c.get("path"):
+            lines.append(f"- feature cache: none (text only) — {', '.join(c['runs'])}")
+            continue
+        models = ", ".join(f"{g}: {m}" for g, m in c.get("models", {}).items()) or "(not recorded)"
+        lines += [
+            f"- feature cache `{c['path']}` — used by {', '.join(c['runs'])}",
+            f"  - sha256: {_short(c.get('sha256'))}",
+            f"  - profile: {c.get('profile') or '(not recorded)'}; schema version: "
+            f"{c.get('schema_version') or '(not recorded)'}",
+            f"  - models: {models}",
+        ]
+    lines += ["", "| row | run folder | profile | mner |", "|:---|:---|:---|:---|"]
+    lines += [
+        f"| {r['label']} | `{r['run']}` | {r['profile'] or '–'} | {r['mner_version'] or '–'} |"
+        for r in prov["runs"]
+    ]
+    return lines
