@@ -81,11 +81,13 @@ def make_run(
     diagnostics: bool = False,
     where: str = "provenance",
     data_hash: str = "ab" * 32,
+    seeds: list[int] | None = None,
+    config_extra: dict | None = None,
 ) -> Path:
     """A run folder as mner train writes it (docs/ARCHITECTURE.md, "Run folder")."""
     run = root / name
     run.mkdir(parents=True)
-    seeds = list(range(1, len(f1s) + 1))
+    seeds = seeds or list(range(1, len(f1s) + 1))
     head_opts = {**DEFAULTS.get(model, {}), **(head or {})}
     per_seed = []
     for i, (seed, f1) in enumerate(zip(seeds, f1s, strict=True)):
@@ -136,7 +138,16 @@ def make_run(
         "runs": per_seed,
     }
     (run / "metrics.json").write_text(json.dumps(metrics))
-    config = {"model": model, "profile": "tiny", "epochs": 4, "head": head_opts}
+    config = {
+        "model": model,
+        "profile": "tiny",
+        "epochs": 4,
+        "lr_encoder": 0.002,
+        "seeds": seeds,
+        "device": "auto",
+        "head": head_opts,
+        **(config_extra or {}),
+    }
     prov = {
         "profile": "tiny",
         "mner_version": "0.1.0",
@@ -420,13 +431,190 @@ def test_different_data_files_are_flagged(tmp_path):
     assert "trained on different data files" in md
 
 
-def test_duplicate_labels_get_the_folder_name(tmp_path):
+def test_other_training_settings_are_separate_rows(tmp_path):
+    # Same model and head but another learning rate: another experiment, not more seeds.
     root = tmp_path / "runs"
     a = make_run(root, "umt_lr1", "umt", "sample", [80.0])
-    b = make_run(root, "umt_lr2", "umt", "sample", [79.0])
-    cfg, _ = report([a, b], tmp_path)
+    b = make_run(root, "umt_lr2", "umt", "sample", [79.0], config_extra={"lr_encoder": 0.001})
+    # Where it ran does not matter.
+    c = make_run(
+        root,
+        "umt_lr2_gpu",
+        "umt",
+        "sample",
+        [77.0],
+        seeds=[2],
+        config_extra={"lr_encoder": 0.001, "device": "cuda"},
+    )
+    cfg, _ = report([a, b, c], tmp_path)
     metrics = json.loads((cfg.out / "metrics.json").read_text())
-    assert set(metrics["sample"]) == {"umt [umt_lr1]", "umt [umt_lr2]"}
+    assert metrics["sample"] == {
+        "umt [lr_encoder=0.002]": {"f1": 80.0, "precision": 81.0, "recall": 79.0},
+        "umt [lr_encoder=0.001]": {"f1": 78.0, "precision": 79.0, "recall": 77.0},
+    }
+
+
+def single_seed_layout(root: Path) -> Path:
+    """The DVC layout: one complete run folder per seed, runs/<dataset>/<model>/seed<k>."""
+    runs = root / "runs"
+    make_run(runs, "sample/umt/seed1", "umt", "sample", [80.0], seeds=[1], secs=[1.0])
+    make_run(
+        runs, "sample/umt/seed2", "umt", "sample", [83.0], seeds=[2], secs=[2.0], diagnostics=True
+    )
+    # An ablation: its own row, even though its seeds are the same.
+    make_run(
+        runs, "sample/umt_nogate/seed_1", "umt", "sample", [70.0], seeds=[1], head={"no_gate": True}
+    )
+    make_run(
+        runs, "sample/umt_nogate/seed_2", "umt", "sample", [72.0], seeds=[2], head={"no_gate": True}
+    )
+    return runs
+
+
+def test_single_seed_folders_pool_into_one_row(tmp_path):
+    runs = single_seed_layout(tmp_path)
+    cfg = ReportConfig(out=tmp_path / "reports", plots=False)
+    summary = build_report(cfg, [runs])
+    assert summary["datasets"] == {"sample": 2} and summary["skipped"] == []
+    md = (cfg.out / "results.md").read_text()
+    rows = table_rows(md, "sample")
+    assert [r[0] for r in rows[1:]] == ["umt", "umt (no_gate=true)"]
+    umt, nogate = rows[1:]
+    # F1 80 and 83: mean 81.5, sample std |83 - 80| / sqrt(2) = 2.1213.
+    assert umt[7] == "81.50 ± 2.12" and umt[-1] == "2"
+    assert umt[1] == "86.50 ± 2.12"  # PER = F1 + 5, pooled the same way
+    assert umt[-2] == "1.5 ± 0.7"  # s/epoch 1.0 and 2.0
+    assert nogate[7] == "71.00 ± 1.41" and nogate[-1] == "2"
+    res = json.loads((cfg.out / "results.json").read_text())
+    row = res["datasets"]["sample"]["rows"][0]
+    assert row["scores"]["f1"]["mean"] == 81.5 and row["scores"]["f1"]["n"] == 2
+    assert row["scores"]["f1"]["std"] == pytest.approx(3 / np.sqrt(2))
+    assert row["scores"]["dev_f1"]["mean"] == 83.0  # dev = test + 1.5
+    assert row["seeds"] == [1, 2]
+    assert [s["f1"] for s in row["per_seed"]] == [80.0, 83.0]
+    assert row["run"] == str(runs / "sample" / "umt")
+    assert row["run_folders"] == [str(runs / "sample/umt/seed1"), str(runs / "sample/umt/seed2")]
+    # Provenance traces every pooled folder; they share one set of data files.
+    prov = res["datasets"]["sample"]["provenance"]
+    assert prov["consistent_data"] is True
+    assert [(r["label"], Path(r["run"]).relative_to(runs).as_posix()) for r in prov["runs"]] == [
+        ("umt", "sample/umt/seed1"),
+        ("umt", "sample/umt/seed2"),
+        ("umt (no_gate=true)", "sample/umt_nogate/seed_1"),
+        ("umt (no_gate=true)", "sample/umt_nogate/seed_2"),
+    ]
+    assert prov["caches"][0]["runs"] == ["umt", "umt (no_gate=true)"]
+    assert f"| umt | `{runs / 'sample/umt/seed2'}` | 2 | tiny |" in md
+    assert "from 4 run folders" in md
+
+
+def test_multi_seed_folder_pools_with_single_seed_folder(tmp_path, caplog):
+    root = tmp_path / "runs"
+    a = make_run(root, "umt_12", "umt", "sample", [80.0, 82.0], diagnostics=True)
+    b = make_run(root, "umt_3", "umt", "sample", [86.0], seeds=[3], diagnostics=True)
+    loaded, _ = runs_mod.load_runs([a, b])
+    with caplog.at_level("WARNING", logger="mner.report"):
+        pooled = runs_mod.pool_runs(loaded)
+    assert not caplog.messages
+    assert len(pooled) == 1
+    run = pooled[0]
+    assert run.metrics["seeds"] == [1, 2, 3] and sorted(run.histories) == [1, 2, 3]
+    # 80, 82, 86: mean 82.667; deviations -8/3, -2/3, 10/3 -> var (64+4+100)/9/2 = 9.333.
+    f1 = run.metrics["summary"]["test"]["overall"]["f1"]
+    assert f1["mean"] == pytest.approx(248 / 3)
+    assert f1["std"] == pytest.approx(np.sqrt(28 / 3))
+    # The image-dependent subset is not marked: null, as the trainer writes it.
+    assert run.metrics["summary"]["test"]["image_dependent"] is None
+    from mner.report.plots import pooled_diagnostics
+
+    assert len(pooled_diagnostics(run)["visual_gate"]["ok"]) == 3 * 40
+    runs_mod.assign_labels(pooled)
+    tab = build_tables(pooled)[0]
+    assert tab.rows[0].stats["f1"].format() == "82.67 ± 3.06"
+
+
+def test_duplicate_seed_is_kept_once_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "runs"
+    a = make_run(root, "sample/umt/seed1", "umt", "sample", [80.0], seeds=[1])
+    b = make_run(root, "sample/umt/seed1_again", "umt", "sample", [90.0], seeds=[1])
+    c = make_run(root, "sample/umt/seed2", "umt", "sample", [84.0], seeds=[2])
+    cfg = ReportConfig(out=tmp_path / "reports", plots=False)
+    with caplog.at_level("WARNING", logger="mner.report"):
+        summary = build_report(cfg, [root])
+    assert summary["datasets"] == {"sample": 1}
+    warnings = [m for m in caplog.messages if "seed 1" in m]
+    assert len(warnings) == 1
+    assert str(a) in warnings[0] and str(b) in warnings[0]
+    res = json.loads((cfg.out / "results.json").read_text())
+    row = res["datasets"]["sample"]["rows"][0]
+    # The first folder's seed 1 (80) is kept: 80 and 84 -> 82 ± 2.83.
+    assert row["seeds"] == [1, 2]
+    assert [s["f1"] for s in row["per_seed"]] == [80.0, 84.0]
+    assert row["scores"]["f1"]["mean"] == 82.0
+    assert row["scores"]["f1"]["std"] == pytest.approx(np.sqrt(8))
+    assert str(c) in row["run_folders"]
+    # Provenance still lists the duplicate's folder, with no seed taken from it.
+    prov = res["datasets"]["sample"]["provenance"]["runs"]
+    assert [(Path(r["run"]).name, r["seeds"]) for r in prov] == [
+        ("seed1", [1]),
+        ("seed1_again", []),
+        ("seed2", [2]),
+    ]
+    md = (cfg.out / "results.md").read_text()
+    assert f"| umt | `{b}` | none (duplicate seeds) |" in md
+
+
+def test_duplicate_seed_warning_is_one_cli_line(tmp_path):
+    import typer
+
+    from mner.pipeline import cmd_report
+
+    root = tmp_path / "runs"
+    a = make_run(root, "a/seed1", "umt", "sample", [80.0], seeds=[1])
+    b = make_run(root, "b/seed1", "umt", "sample", [81.0], seeds=[1])
+    app = typer.Typer()
+    cmd_report.register(app)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["report", str(root), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    warn = [ln for ln in result.output.splitlines() if ln.startswith("warning:")]
+    assert len(warn) == 1 and str(a) in warn[0] and str(b) in warn[0]
+    assert "report: 1 row (sample: 1)" in result.output
+
+
+def test_other_data_files_are_not_pooled_and_are_flagged(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "sample/umt/seed1", "umt", "sample", [80.0], seeds=[1])
+    make_run(root, "sample/umt/seed2", "umt", "sample", [82.0], seeds=[2])
+    make_run(root, "other/umt/seed3", "umt", "sample", [70.0], seeds=[3], data_hash="00" * 32)
+    cfg, summary = report([root], tmp_path)
+    assert summary["datasets"] == {"sample": 2}
+    metrics = json.loads((cfg.out / "metrics.json").read_text())
+    assert metrics["sample"] == {
+        "umt [sample/umt]": {"f1": 81.0, "precision": 82.0, "recall": 80.0},
+        "umt [other/umt/seed3]": {"f1": 70.0, "precision": 71.0, "recall": 69.0},
+    }
+    md = (cfg.out / "results.md").read_text()
+    assert "trained on different data files" in md
+    prov = json.loads((cfg.out / "results.json").read_text())["datasets"]["sample"]["provenance"]
+    assert prov["consistent_data"] is False and len(prov["runs"]) == 3
+
+
+def test_pooled_dev_f1_csv_and_plot(tmp_path):
+    runs = single_seed_layout(tmp_path)
+    cfg = ReportConfig(out=tmp_path / "reports")
+    summary = build_report(cfg, [runs])
+    with (cfg.out / "dev_f1.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    umt = [(int(r["epoch"]), float(r["dev_f1"])) for r in rows if r["model"] == "umt"]
+    # dev_f1 = f1 - 3 + epoch: seed 1 (F1 80) 77 + e, seed 2 (F1 83) 80 + e; mean 78.5 + e.
+    assert umt == [(1, 79.5), (2, 80.5), (3, 81.5), (4, 82.5)]
+    nogate = [float(r["dev_f1"]) for r in rows if r["model"] == "umt (no_gate=true)"]
+    assert nogate == [69.0, 70.0, 71.0, 72.0]  # 70 and 72 -> 71 - 3 + e
+    assert (cfg.out / "dev_f1_sample.png").read_bytes().startswith(PNG_MAGIC)
+    assert str(cfg.out / "dev_f1_sample.png") in summary["files"]
+    # The pooled row's diagnostics come from the seed folder that wrote them.
+    assert (cfg.out / "diagnostics_sample_umt.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_ablation_labels_without_registry(tmp_path, monkeypatch):

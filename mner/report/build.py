@@ -27,7 +27,7 @@ from typing import Any
 from mner.errors import DataError
 from mner.report import plots, tables
 from mner.report.config import ReportConfig
-from mner.report.runs import Run, assign_labels, load_runs, provenance_of
+from mner.report.runs import Run, assign_labels, load_runs, pool_runs, provenance_of
 
 log = logging.getLogger("mner.report")
 
@@ -37,7 +37,9 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
 
     Args:
         cfg: the report settings; ``cfg.out`` is created if needed.
-        runs: run folders (or folders of run folders).
+        runs: run folders (or folders of run folders, at any depth). Folders of one
+            experiment (same dataset and data files, model, head options and training
+            settings; see :func:`mner.report.runs.pool_runs`) are pooled into one row.
 
     Returns:
         ``{"out", "files": [written paths], "datasets": {name: number of rows},
@@ -55,6 +57,8 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
             f"no usable run folders: {listed}; pass folders written by mner train "
             "(each with a metrics.json)"
         )
+    # One row per experiment: the folders of its seeds (runs/<ds>/<model>/seed<k>) pooled.
+    loaded = pool_runs(loaded)
     assign_labels(loaded)
     tabs = tables.build_tables(loaded, cfg.split, cfg.include_paper_numbers)
 
@@ -114,34 +118,39 @@ def _mner_version() -> str:
 def dataset_provenance(runs: Sequence[Run]) -> dict[str, Any]:
     """Provenance of one dataset's runs, with the inputs they share factored out.
 
+    Every run folder is traced, including each folder pooled into a row.
+
     Returns:
-        ``{"profiles": [...], "data_files": {path: sha256} | None (when runs differ),
+        ``{"profiles": [...], "data_files": {path: sha256} | None (when folders differ),
         "caches": [{"path", "sha256", "profile", "models", "runs": [labels]}],
-        "runs": [{"label", "run", "profile", "mner_version", "data_files"}],
-        "consistent_data": bool}``.
+        "runs": [{"label", "run", "seeds", "profile", "mner_version", "data_files"}]
+        (one per folder; ``seeds``: those of the row taken from it), "consistent_data":
+        bool}``.
     """
-    provs = [(r, provenance_of(r)) for r in runs]
-    data_sets = {json.dumps(p["data_files"], sort_keys=True) for _, p in provs}
+    provs = [(r, m, provenance_of(m)) for r in runs for m in r.folders]
+    data_sets = {json.dumps(p["data_files"], sort_keys=True) for _, _, p in provs}
     caches: dict[str, dict[str, Any]] = {}
-    for r, p in provs:
+    for r, _, p in provs:
         c = p["cache"]
         key = json.dumps(c, sort_keys=True) if c else "null"
         entry = caches.setdefault(key, {**(c or {"path": None}), "runs": []})
-        entry["runs"].append(r.label)
+        if r.label not in entry["runs"]:
+            entry["runs"].append(r.label)
     return {
-        "profiles": sorted({str(p["profile"]) for _, p in provs}),
+        "profiles": sorted({str(p["profile"]) for _, _, p in provs}),
         "consistent_data": len(data_sets) == 1,
-        "data_files": provs[0][1]["data_files"] if len(data_sets) == 1 else None,
+        "data_files": provs[0][2]["data_files"] if len(data_sets) == 1 else None,
         "caches": list(caches.values()),
         "runs": [
             {
                 "label": r.label,
                 "run": p["run"],
+                "seeds": r.seeds_from(m),
                 "profile": p["profile"],
                 "mner_version": p["mner_version"],
                 "data_files": p["data_files"],
             }
-            for r, p in provs
+            for r, m, p in provs
         ],
     }
 
@@ -185,12 +194,14 @@ def render_markdown(
 ) -> str:
     """The content of ``results.md``."""
     split = "test" if cfg.split == "test" else "dev"
-    n_runs = sum(len(t.rows) for t in tabs)
+    n_runs = sum(len(row.run.folders) for t in tabs for row in t.rows)
     lines = [
         f"# {cfg.title}",
         "",
         f"Generated {generated} by mner {_mner_version()} from {n_runs} run folder"
-        f"{'s' if n_runs != 1 else ''}. Entity-level (conlleval) scores on the {split} split, "
+        f"{'s' if n_runs != 1 else ''}; the folders of one experiment (dataset and data "
+        "files, model, head options and training settings) are pooled into one row over "
+        f"all their seeds. Entity-level (conlleval) scores on the {split} split, "
         "in percent, as mean ± sample std over seeds (a single seed shows the mean only); "
         "per-type columns are F1. `img-dep F1` is F1 on the entities the data marks as "
         "needing the image; `s/epoch` is training time per epoch.",
@@ -240,9 +251,16 @@ def _provenance_lines(prov: dict[str, Any]) -> list[str]:
             f"{c.get('schema_version') or '(not recorded)'}",
             f"  - models: {models}",
         ]
-    lines += ["", "| row | run folder | profile | mner |", "|:---|:---|:---|:---|"]
+    # "seeds used": a folder whose seeds all duplicate an earlier folder's adds none.
     lines += [
-        f"| {r['label']} | `{r['run']}` | {r['profile'] or '–'} | {r['mner_version'] or '–'} |"
+        "",
+        "| row | run folder | seeds used | profile | mner |",
+        "|:---|:---|:---|:---|:---|",
+    ]
+    lines += [
+        f"| {r['label']} | `{r['run']}` | "
+        f"{', '.join(map(str, r['seeds'])) or 'none (duplicate seeds)'} | "
+        f"{r['profile'] or '–'} | {r['mner_version'] or '–'} |"
         for r in prov["runs"]
     ]
     return lines

@@ -1,12 +1,13 @@
 """Report plots (matplotlib, Agg backend, PNG) and the CSV that ``dvc plots`` renders.
 
 * ``dev_f1_<dataset>.png``: dev F1 per epoch, one line per row of the table (mean over
-  the seeds that reached that epoch; early stopping makes seeds end at different epochs).
+  the seeds that reached that epoch, from every run folder pooled into the row; early
+  stopping makes seeds end at different epochs).
 * ``per_type_f1_<dataset>.png``: grouped bars of PER/LOC/ORG/MISC F1 per row, with the
   std over seeds as error bars.
 * ``diagnostics_<dataset>_<label>.png``: for runs whose heads report per-example values
   (MAF's matching probability, visual gates, HamLearning's relevance...), one histogram
-  per diagnostic name, with tweets split by image status: ok, missing, and unreadable
+  per diagnostic name (values of all the row's seeds), with tweets split by image status: ok, missing, and unreadable
   (every other status: empty, truncated, not an image...). Densities, so the groups
   compare in shape although "ok" dominates; the legend gives each group's count.
 * ``dev_f1.csv``: columns ``model, epoch, dev_f1`` (the same means as the line plot);

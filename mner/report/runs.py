@@ -14,22 +14,43 @@ over seeds), ``config.yaml``, ``provenance.json`` and ``seed_<k>/history.json`` 
 * ``seed_<k>/history.json`` for the dev-F1 curves and ``seed_<k>/diagnostics.json``
   for the gate/relevance histograms; both optional.
 
-A path with no ``metrics.json`` whose sub-folders have one (``runs/``) stands for those
-sub-folders, so ``mner report runs/`` works as well as ``mner report runs/*``.
+A path with no ``metrics.json`` stands for the run folders found below it, at any
+depth (a search stops at a run folder), so ``mner report runs/`` works as well as
+``mner report runs/*``, and for the DVC layout ``runs/<dataset>/<model>/seed<k>/``.
+
+Folders are read one :class:`Run` each (:func:`load_runs`); :func:`pool_runs` then
+merges the folders of one experiment into one :class:`Run`, i.e. one table row: same
+dataset (name and data file sha256s), model, head options and training settings
+(``config.yaml`` less the seeds and where it ran). Their per-seed records are
+concatenated and the summary recomputed as ``mner train`` computes it (mean and sample
+std, ddof=1, over all pooled seeds); histories and diagnostics are pooled by seed. A
+seed present in two folders is kept once (from the first folder) with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from mner.errors import DataError
+
+log = logging.getLogger("mner.report")
+
+#: ``config.yaml`` keys that do not make two runs different experiments: the seeds
+#: (what pooling is over), where and how fast it ran, and the keys compared on their own
+#: (model, profile, dataset, head).
+POOL_IGNORED_CONFIG: frozenset[str] = frozenset(
+    {"seeds", "device", "num_workers", "model", "profile", "dataset", "dataset_name", "head"}
+)
 
 
 @dataclass
@@ -47,6 +68,9 @@ class Run:
         diagnostics: seed -> ``diagnostics.json`` ({name: {status: [values]}}).
         head_diff: head options that differ from the head's defaults (the ablation).
         label: the table row label, e.g. ``maf (no_cm=true)``; set by :func:`assign_labels`.
+        members: the run folders pooled into this run by :func:`pool_runs` (empty for
+            a run read from one folder, which then stands for itself).
+        seed_folders: for a pooled run, seed -> the folder its record was taken from.
     """
 
     path: Path
@@ -59,6 +83,20 @@ class Run:
     diagnostics: dict[int, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     head_diff: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    members: list[Run] = field(default_factory=list)
+    seed_folders: dict[Any, Path] = field(default_factory=dict)
+
+    @property
+    def folders(self) -> list[Run]:
+        """The single-folder runs this row is made of (itself when not pooled)."""
+        return list(self.members) if self.members else [self]
+
+    def seeds_from(self, folder: Run) -> list[Any]:
+        """The seeds of this row that come from ``folder`` (one of :attr:`folders`);
+        empty for a folder whose seeds were all duplicates of earlier folders'."""
+        if not self.members:
+            return [s for s, _ in _seed_records(self)] or list(self.metrics.get("seeds") or [])
+        return [s for s, p in self.seed_folders.items() if p == folder.path]
 
     @property
     def head(self) -> dict[str, Any]:
@@ -79,20 +117,17 @@ class Run:
 
 
 def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
-    """Expand the command-line paths into candidate run folders, in the order given."""
+    """Expand the command-line paths into candidate run folders, in the order given.
+
+    A path that is not itself a run folder stands for the run folders below it, found
+    at any depth (sorted by name; the search does not enter a run folder nor hidden
+    folders). A path with none below it is returned as is, to be reported as skipped.
+    """
     out: list[Path] = []
     for p in paths:
         p = Path(p)
-        if p.is_dir() and not (p / "metrics.json").exists() and not _looks_like_run(p):
-            children = sorted(
-                c
-                for c in p.iterdir()
-                if c.is_dir() and ((c / "metrics.json").exists() or _looks_like_run(c))
-            )
-            if children:
-                out.extend(children)
-                continue
-        out.append(p)
+        found = _collect(p, set()) if p.is_dir() else []
+        out.extend(found or [p])
     seen: set[Path] = set()
     unique = []
     for p in out:
@@ -103,8 +138,30 @@ def find_run_dirs(paths: Sequence[Path]) -> list[Path]:
     return unique
 
 
+def _collect(p: Path, visited: set[Path]) -> list[Path]:
+    key = p.resolve()
+    if key in visited:  # a symlink loop
+        return []
+    visited.add(key)
+    if (p / "metrics.json").exists() or _looks_like_run(p):
+        return [p]
+    found: list[Path] = []
+    for c in sorted(p.iterdir()):
+        if c.is_dir() and not c.name.startswith("."):
+            found.extend(_collect(c, visited))
+    return found
+
+
 def _looks_like_run(p: Path) -> bool:
-    return (p / "config.yaml").exists() or any(p.glob("seed_*"))
+    """A (maybe unfinished) run folder: ``config.yaml``, or ``seed_<k>/`` sub-folders
+    that are per-seed folders rather than complete run folders of their own (those
+    have a ``config.yaml``, as in ``runs/umt/seed_1/config.yaml``)."""
+    if (p / "config.yaml").exists():
+        return True
+    return any(
+        c.is_dir() and _seed_key(c) is not None and not (c / "config.yaml").exists()
+        for c in p.glob("seed_*")
+    )
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -176,6 +233,166 @@ def load_run(path: Path) -> Run:
     return run
 
 
+def mean_std(values: list[Any]) -> Any:
+    """The summary ``mner train`` writes (``mner.train.trainer``), over records or numbers.
+
+    Nested dicts are summarised key by key; a value that is None for any seed (e.g.
+    ``image_dependent`` without marks) or missing gives None, like the trainer.
+    Numbers become ``{"mean", "std"}`` with the sample std (ddof=1), 0 for one seed.
+    """
+    if not values or any(v is None for v in values):
+        return None
+    if isinstance(values[0], Mapping):
+        if not all(isinstance(v, Mapping) for v in values):
+            return None
+        return {
+            k: mean_std([v.get(k) for v in values]) if all(k in v for v in values) else None
+            for k in values[0]
+        }
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if arr.ndim != 1:
+        return None
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def _seed_records(run: Run) -> list[tuple[Any, dict[str, Any]]]:
+    """``(seed, record)`` for each per-seed record of ``metrics.json`` ``runs``."""
+    seeds = run.metrics.get("seeds") or []
+    out = []
+    for i, rec in enumerate(run.metrics.get("runs") or []):
+        if not isinstance(rec, Mapping):
+            continue
+        seed = rec.get("seed", seeds[i] if i < len(seeds) else None)
+        out.append((seed, dict(rec)))
+    return out
+
+
+def data_files_key(run: Run) -> tuple[tuple[str, str | None], ...]:
+    """The data files a run was trained on, as ``(file name, sha256)`` pairs.
+
+    File names rather than full paths, so that the same files checked out elsewhere
+    (another workspace, another machine) still match.
+    """
+    files = provenance_of(run)["data_files"]
+    return tuple(sorted((Path(f).name, h) for f, h in files.items()))
+
+
+def train_settings(run: Run) -> dict[str, Any]:
+    """``config.yaml`` less :data:`POOL_IGNORED_CONFIG`: what must match to pool."""
+    return {k: v for k, v in sorted(run.config.items()) if k not in POOL_IGNORED_CONFIG}
+
+
+def pool_key(run: Run) -> str:
+    """Runs with equal keys are seeds of one experiment and make one table row."""
+    return json.dumps(
+        [
+            run.dataset,
+            data_files_key(run),
+            run.model,
+            run.profile,
+            run.head,
+            train_settings(run),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+
+
+def pool_runs(runs: Sequence[Run]) -> list[Run]:
+    """Merge the folders of one experiment (same :func:`pool_key`) into one run each.
+
+    A group of one folder is returned unchanged. A group of several gives a :class:`Run`
+    whose ``metrics.json`` has the concatenated per-seed records (sorted by seed), the
+    pooled ``seeds``, and a ``summary`` recomputed over all of them with
+    :func:`mean_std` (the trainer's convention); ``histories`` and ``diagnostics`` are
+    merged by seed, so plots average over every pooled seed. A seed found in two
+    folders is kept from the first and a warning names both. A folder without per-seed
+    records (``runs``) cannot be pooled and keeps its own row, with a warning.
+
+    Returns:
+        The pooled runs, in the order of each group's first folder.
+    """
+    keys = [pool_key(r) for r in runs]
+    groups: dict[str, list[Run]] = {}
+    for r, key in zip(runs, keys, strict=True):
+        if not _seed_records(r):
+            if keys.count(key) > 1:
+                log.warning(
+                    "not pooling %s with the other folders of its experiment: its "
+                    "metrics.json has no per-seed records ('runs')",
+                    r.path,
+                )
+            key = f"{key}\0{r.path}"  # its own row
+        groups.setdefault(key, []).append(r)
+    return [g[0] if len(g) == 1 else _merge(g) for g in groups.values()]
+
+
+def _merge(group: list[Run]) -> Run:
+    first = group[0]
+    owner: dict[Any, Run] = {}
+    records: list[tuple[Any, dict[str, Any]]] = []
+    for r in group:
+        for seed, rec in _seed_records(r):
+            if seed is not None and seed in owner:
+                log.warning(
+                    "seed %s is in both %s and %s; keeping the one from %s",
+                    seed,
+                    owner[seed].path,
+                    r.path,
+                    owner[seed].path,
+                )
+                continue
+            if seed is not None:
+                owner[seed] = r
+            records.append((seed, rec))
+    # By seed (stable: records without an integer seed keep their order, last).
+    records.sort(
+        key=lambda sr: (not isinstance(sr[0], int), sr[0] if isinstance(sr[0], int) else 0)
+    )
+    recs = [rec for _, rec in records]
+    histories: dict[int, list[dict[str, Any]]] = {}
+    diagnostics: dict[int, dict[str, dict[str, list[float]]]] = {}
+    for r in group:
+        for seed, hist in r.histories.items():
+            if owner.get(seed, r) is r and seed not in histories:
+                histories[seed] = hist
+        for seed, diag in r.diagnostics.items():
+            if owner.get(seed, r) is r and seed not in diagnostics:
+                diagnostics[seed] = diag
+    seeds = [s for s, _ in records if s is not None]
+    metrics = dict(first.metrics)
+    metrics["seeds"] = seeds
+    metrics["runs"] = recs
+    metrics["summary"] = {
+        "dev": mean_std([rec.get("dev", rec.get("valid")) for rec in recs]),
+        "test": mean_std([rec.get("test") for rec in recs]),
+        "seconds_per_epoch": mean_std([rec.get("seconds_per_epoch") for rec in recs]),
+    }
+    try:
+        path = Path(os.path.commonpath([str(r.path) for r in group]))
+    except ValueError:  # relative and absolute paths mixed
+        path = first.path
+    config = dict(first.config)
+    if "seeds" in config:
+        config["seeds"] = seeds
+    return Run(
+        path=path,
+        model=first.model,
+        dataset=first.dataset,
+        metrics=metrics,
+        config=config,
+        provenance=dict(first.provenance),
+        histories=dict(sorted(histories.items())),
+        diagnostics=dict(sorted(diagnostics.items())),
+        head_diff=dict(first.head_diff),
+        members=list(group),
+        seed_folders={s: owner[s].path for s in seeds},
+    )
+
+
 def _seed_key(p: Path) -> int | None:
     m = re.fullmatch(r"seed_(\d+)", p.name)
     return int(m.group(1)) if m else None
@@ -229,8 +446,10 @@ def assign_labels(runs: list[Run]) -> None:
 
     Where the registry is not importable, runs of one model that differ among
     themselves are told apart by the options that differ from the model's first run.
-    Labels still equal after that (same model and options, e.g. another learning rate)
-    get the run folder's name appended: ``umt [run_lr3e-5]``.
+    Labels still equal after that (same model and head options, but another
+    experiment, e.g. another learning rate) get the training settings that differ
+    among them appended, ``umt [lr_encoder=3e-05]``; failing that (e.g. other data
+    files), the run folder's name, ``umt [run_b]``.
     """
     by_model: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
@@ -243,12 +462,33 @@ def assign_labels(runs: list[Run]) -> None:
     for r in runs:
         opts = ", ".join(f"{k}={format_value(v)}" for k, v in r.head_diff.items())
         r.label = f"{r.model} ({opts})" if opts else r.model
-    counts: dict[tuple[str, str], int] = {}
-    for r in runs:
-        counts[(r.dataset, r.label)] = counts.get((r.dataset, r.label), 0) + 1
-    for r in runs:
-        if counts[(r.dataset, r.label)] > 1:
-            r.label = f"{r.label} [{r.path.name}]"
+    for suffix in (_settings_suffix, _folder_suffix):
+        clashes: dict[tuple[str, str], list[Run]] = {}
+        for r in runs:
+            clashes.setdefault((r.dataset, r.label), []).append(r)
+        for group in clashes.values():
+            if len(group) > 1:
+                for r, tag in zip(group, suffix(group), strict=True):
+                    if tag:
+                        r.label = f"{r.label} [{tag}]"
+
+
+def _settings_suffix(group: list[Run]) -> list[str]:
+    settings = [{**train_settings(r), "profile": r.profile} for r in group]
+    keys = sorted({k for s in settings for k in s})
+    differ = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+    return [", ".join(f"{k}={format_value(s.get(k))}" for k in differ) for s in settings]
+
+
+def _folder_suffix(group: list[Run]) -> list[str]:
+    """Each run's folder relative to the folder all of them are in (``sample/umt``)."""
+    paths = [r.path for r in group]
+    try:
+        base = Path(os.path.commonpath([str(p) for p in paths]))
+        names = [p.relative_to(base).as_posix() for p in paths]
+    except ValueError:  # relative and absolute paths mixed
+        names = [str(p) for p in paths]
+    return [n if n not in ("", ".") else str(p) for n, p in zip(names, paths, strict=True)]
 
 
 def read_json(path: Path) -> Any:
@@ -354,6 +594,7 @@ def as_dict(run: Run) -> dict[str, Any]:
         "label": run.label,
         "model": run.model,
         "run": str(run.path),
+        "run_folders": [str(m.path) for m in run.folders],
         "profile": run.profile,
         "head_ablation": dict(run.head_diff),
         "seeds": list(run.metrics.get("seeds") or sorted(run.histories)),

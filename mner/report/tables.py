@@ -6,7 +6,9 @@ is Twitter-2015/2017, F1 on the image-dependent subset where the data marks one,
 seconds per training epoch. Every cell is ``mean ± std`` over seeds; the std is the
 sample standard deviation (ddof=1) as ``mner train`` writes it in ``metrics.json``'s
 ``summary``, and a single seed shows the mean alone. Where a summary entry is absent
-the value is computed from the per-seed records (``runs``) the same way.
+the value is computed from the per-seed records (``runs``) the same way. A row pooled
+from several run folders (:func:`mner.report.runs.pool_runs`) carries a summary
+recomputed over all its seeds.
 """
 
 from __future__ import annotations
@@ -247,6 +249,7 @@ def row_dict(row: Row) -> dict[str, Any]:
         "label": row.label,
         "model": run.model,
         "run": str(run.path),
+        "run_folders": [str(m.path) for m in run.folders],
         "profile": run.profile,
         "head_ablation": dict(run.head_diff),
         "seeds": list(run.metrics.get("seeds") or []),
