@@ -36,6 +36,16 @@ def _root() -> None:
     """Multimodal NER: cached vision features, BERT + fusion heads + CRF."""
 
 
+for _name in _COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(_name)
+    except ModuleNotFoundError as exc:  # a stage not built yet
+        if exc.name != _name:
+            raise
+        continue
+    _mod.register(app)
+
+
 @app.command()
 def version() -> None:
     """Print the mner version and the versions of the libraries it relies on."""
@@ -50,16 +60,6 @@ def version() -> None:
             print(f"{lib} {_v(lib)}")
         except PackageNotFoundError:
             print(f"{lib} (not installed)")
-
-
-for _name in _COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a stage not built yet
-        if exc.name != _name:
-            raise
-        continue
-    _mod.register(app)
 
 
 def main() -> None:

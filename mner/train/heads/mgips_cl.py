@@ -1,0 +1,427 @@
+"""MGIPS-CL: Multi-Granularity Interweave and Implicit Positive Sample Contrastive Learning.
+
+Paper: /work/shared/papers/003_33abc747ca47338e.txt (section 3, ablation table 3).
+
+Visual input. The paper feeds CLIP three visual-grounding crops of 128 x 128 pixels,
+each cut into 4 x 4 patches of 32 pixels, plus one learnable class embedding (section
+3.1.2). It does not use the whole image, so ``needs`` is only ``crops/patch_tokens``:
+(B, O, R, Wc) CLIP tokens of the top O = 3 detected objects, R = 17 tokens per crop
+(the crop's own CLIP class token, then its 4 x 4 patches), with
+``visual_masks["crops/patch_tokens"]`` (B, O) marking real crops (fewer than 3
+detections are padded). The visual sequence is V = [v_0, O x R crop tokens] of
+M = 1 + O*R = 52 positions. The whole-image CLIP tokens are not read.
+
+Departure from the paper: it fine-tunes BERT and CLIP ViT with mutual attention in all
+12 layers. Here the encoder output and the cached (frozen) CLIP tokens are given, so a
+light trainable transformer of ``ma_layers`` layers (text stream + image stream) runs
+eqs. 2-4 over them.
+
+Equation -> code (D = text_dim, d = ``mgi_dim``, P = ``proj_dim``):
+
+* Sec. 3.1.2, visual embedding V^e: ``visual_embed`` = LayerNorm(Linear(crop tokens))
+  with the class embedding ``class_embed`` first, plus ``visual_pos``: (B, M, D).
+* Eqs. 2-4, mutual attention: ``_TextLayer`` (Q^t = H^t W^q; K^t = [K^v, H^t W^k];
+  V^t = [V^v, H^t W^v]) and ``_ImageLayer`` (self-attention of the image stream, which
+  also returns its K^v, V^v for the next text layer). Eq. 3: the first text layer
+  attends to V^e itself. Outputs ``h_t`` (B, T, D), ``h_v`` (B, M, D).
+* Eq. 5, M_im = f1(Linear1(subject)) (.) f2(Linear2(guide)): ``Excavator``
+  (``lin1``/``f1``, ``lin2``/``f2``). Reading of eq. 9's MGE(A, B): A guides, B is
+  re-weighted and sets the output's shape (eqs. 5-7 weight f1(Linear1(H^t)) in
+  MGE(H^v, H^t); the residuals of eqs. 10-11 then need every MGE output text-length,
+  which is what the final T^t in eq. 12 is). The paper's element-wise product needs both
+  sides to have the same length; in the first image-guided call the guide is the image
+  stream (M tokens), so ``align`` first gathers one visual vector per text token by
+  attention (text queries, visual keys). Every later call is text-length on both sides.
+* Eq. 6, M_C = softmax(M_im * M_3, dim=-2) (row-grained: over tokens, masked) and
+  M_F = softmax(M_im * M_4, dim=-1) (column-grained: over the d features): ``m3``,
+  ``m4`` are (d,) vectors broadcast along the feature axis.
+* Eq. 7, V_C = M_C (.) f1(...), V_F = M_F (.) f1(...); eq. 8, X = f3(V_F + V_C) with
+  ``f3`` = Linear(d, D) + LayerNorm. Softmax weights are rescaled by the number of
+  entries they share (real tokens; d) so that uniform weights leave f1(...) unchanged
+  and the two granularities start on one scale (the paper leaves f1-f3 unspecified).
+* Eq. 9, X^v = MGE(H^v, H^t): ``x = mge_image(aligned h_v, h_t)``; T^t starts as H^t.
+* Eqs. 10-11, Interweave Encoder (``interweave_layers``, 1 as in the paper):
+  X_l = X_{l-1} + MGE_img(X_{l-1}, T_{l-1}); T_l = T_{l-1} + MGE_txt(T_{l-1}, X_l).
+  All image-guided MGEs share ``mge_image``, all text-guided share ``mge_text``
+  (section 3.3.2), hence one more image-guided call than text-guided ones.
+* Eqs. 12-13, pre-post adaptive gate: I = sigmoid(W1 T^t + W2 H^t + b) (``gate_post``
+  = W1, ``gate_pre`` = W2 with bias b); z = I (.) H^t + (1 - I) (.) T^t -> ``hidden``.
+* Eq. 14, sim(v_j, t_i) = cos(f(v_j), g(t_i)): ``f_image`` on the image stream's class
+  token h_v[:, 0] and ``g_text`` on the masked mean of the encoder states. The text side
+  is taken before mutual attention: after it, t_i has read its own image and eq. 17
+  could be solved by copying.
+* Eqs. 15-16, IPS-CL: for each tweet the top-``ips_k`` images of the batch by eq. 14
+  (chosen without gradient, among tweets with an image and at least one crop) are its
+  positives; loss -log(sum_pos e^{s/tau} / sum_j e^{s/tau}) via
+  ``info_nce(..., positives=, multi_positive="sum", diagonal_positive=False)``.
+* Eq. 17, standard CL: ``info_nce(t, v, direction="a2b")``.
+* Eq. 19, Loss = Loss_MNER + Loss_IPS-CL + Loss_CL: aux losses ``ips_cl`` and ``cl``
+  (weights ``ips_weight``, ``cl_weight``, 1 in the paper; the trainer adds the CRF).
+
+Ablations (table 3): ``no_ips_cl`` (w/o IPS-CL), ``no_mgi`` (w/o MGI: no excavators,
+interweave encoder or gate; ``hidden`` = H^t), ``no_row`` (w/o row-grained: no M_3,
+V_C), ``no_column`` (w/o column-grained: no M_4, V_F). ``no_cl`` also drops eq. 17.
+
+Missing images (the paper substitutes a default image): the class position of a tweet
+without an image holds a learned ``no_image`` embedding and all its crop tokens are
+masked, so the text attends only to that; such tweets, and images without any crop,
+are left out of both contrastive losses.
+
+Diagnostics: ``mgips_gate`` (B,) mean of I over real tokens (1 = text only);
+``mgips_relevance`` (B,) eq. 14 between a tweet and its own image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mner.errors import CacheError, ConfigError
+from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.losses import info_nce
+from mner.train.masking import key_padding_mask, masked_mean
+
+CROPS = "crops/patch_tokens"
+
+
+@dataclass(frozen=True)
+class MgipsClConfig:
+    """MGIPS-CL hyperparameters; defaults are the paper's where it gives one.
+
+    Attributes:
+        ma_layers: mutual-attention layers (eqs. 2-4) over the encoder output and the
+            cached CLIP tokens (the paper fine-tunes 12 BERT/CLIP layers instead).
+        ma_heads: attention heads; None = text_dim // 64 (12 at 768, as in the paper),
+            lowered to a divisor of text_dim.
+        interweave_layers: stacked Interweave Encoders (eqs. 10-11); 1 is the paper's best.
+        mgi_dim: d, the width of M_im (eq. 5); None = text_dim.
+        proj_dim: output width of the eq. 14 encoders f and g; None = text_dim.
+        num_crops: crops per image in the cache (3 in the paper and ``mner extract``).
+        crop_tokens: CLIP tokens per crop in the cache: class token + patches (17 for
+            the paper's 128-pixel crops in 32-pixel patches). Both size the learned
+            position embedding of the visual sequence.
+        ips_k: K, implicit positive images per tweet (eq. 15); 3 in the paper.
+        temperature: tau of eqs. 16-17 (not given in the paper; CLIP's initial value).
+        ips_weight: weight of Loss_IPS-CL in eq. 19.
+        cl_weight: weight of Loss_CL in eq. 19.
+        dropout: dropout in the mutual-attention layers.
+        no_ips_cl: ablation "w/o IPS-CL": no eq. 16 loss.
+        no_cl: drop the standard contrastive loss (eq. 17) too (not in table 3).
+        no_mgi: ablation "w/o MGI": no excavators, interweave encoder or gate.
+        no_row: ablation "w/o Row-grained": no M_3 / V_C in eqs. 6-8.
+        no_column: ablation "w/o Column-grained": no M_4 / V_F in eqs. 6-8.
+    """
+
+    ma_layers: int = 1
+    ma_heads: int | None = None
+    interweave_layers: int = 1
+    mgi_dim: int | None = None
+    proj_dim: int | None = None
+    num_crops: int = 3
+    crop_tokens: int = 17
+    ips_k: int = 3
+    temperature: float = 0.07
+    ips_weight: float = 1.0
+    cl_weight: float = 1.0
+    dropout: float = 0.1
+    no_ips_cl: bool = False
+    no_cl: bool = False
+    no_mgi: bool = False
+    no_row: bool = False
+    no_column: bool = False
+
+    def __post_init__(self):
+        for name in ("ma_layers", "interweave_layers", "num_crops", "crop_tokens", "ips_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("ma_heads", "mgi_dim", "proj_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive or null, got {value}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.no_row and self.no_column and not self.no_mgi:
+            raise ValueError(
+                "no_row and no_column together leave the excavator empty; set no_mgi=true instead"
+            )
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, heads: int, p: float
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention on already projected states.
+
+    Args:
+        q: (B, Tq, D) queries; k, v: (B, S, D) keys and values.
+        key_mask: (B, S) bool, True for keys that may be attended (at least one per row).
+        heads: number of heads (divides D).
+        p: attention dropout probability.
+
+    Returns:
+        (B, Tq, D).
+    """
+    B, Tq, D = q.shape
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, heads, N, D/heads)
+        return x.view(B, x.shape[1], heads, D // heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(
+        split(q), split(k), split(v), attn_mask=key_mask[:, None, None, :], dropout_p=p
+    )
+    return out.transpose(1, 2).reshape(B, Tq, D)
+
+
+class _Block(nn.Module):
+    """Output projection, residual + LayerNorm, feed-forward (a BERT layer's tail)."""
+
+    def __init__(self, dim: int, dropout: float):
+        super().__init__()
+        self.out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.drop(self.out(attended)))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+class _ImageLayer(nn.Module):
+    """Eq. 4 (image side): H^v_{l+1} = Attn(Q^v, K^v, V^v), plain self-attention."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.p = heads, dropout
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.block = _Block(dim, dropout)
+
+    def forward(self, hv: torch.Tensor, vmask: torch.Tensor):
+        """Args: hv (B, M, D); vmask (B, M). Returns H^v_{l+1} (B, M, D) and K^v, V^v."""
+        k, v = self.k(hv), self.v(hv)
+        att = _attend(self.q(hv), k, v, vmask, self.heads, self.p if self.training else 0.0)
+        return self.block(hv, att), k, v
+
+
+class _TextLayer(nn.Module):
+    """Eqs. 2-4 (text side): text queries over [image keys/values, text keys/values]."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.p = heads, dropout
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        self.block = _Block(dim, dropout)
+
+    def forward(self, ht, tmask, kv, vv, vmask) -> torch.Tensor:
+        """Args: ht (B, T, D); tmask (B, T); kv, vv (B, M, D) image K^v, V^v; vmask (B, M)."""
+        keys = torch.cat([kv, self.k(ht)], dim=1)  # (B, M+T, D)
+        values = torch.cat([vv, self.v(ht)], dim=1)
+        mask = torch.cat([vmask, tmask], dim=1)
+        att = _attend(self.q(ht), keys, values, mask, self.heads, self.p if self.training else 0.0)
+        return self.block(ht, att)
+
+
+class Excavator(nn.Module):
+    """Multi-Granularity Excavator, eqs. 5-8: ``MGE(guide, subject)`` -> (B, T, D).
+
+    The subject is re-weighted row-wise (which tokens) and column-wise (which
+    features) by weights computed from its interaction with the guide.
+    """
+
+    def __init__(self, dim: int, mgi_dim: int, row: bool, column: bool):
+        super().__init__()
+        self.lin1, self.f1 = nn.Linear(dim, mgi_dim), nn.LayerNorm(mgi_dim)  # subject side
+        self.lin2, self.f2 = nn.Linear(dim, mgi_dim), nn.LayerNorm(mgi_dim)  # guide side
+        if row:
+            self.m3 = nn.Parameter(torch.ones(mgi_dim))  # M_3
+        if column:
+            self.m4 = nn.Parameter(torch.ones(mgi_dim))  # M_4
+        self.f3 = nn.Sequential(nn.Linear(mgi_dim, dim), nn.LayerNorm(dim))
+
+    def forward(
+        self, guide: torch.Tensor, subject: torch.Tensor, tmask: torch.Tensor
+    ) -> torch.Tensor:
+        """Args: guide, subject (B, T, D) token-aligned; tmask (B, T) real tokens."""
+        s = self.f1(self.lin1(subject))  # (B, T, d)
+        m_im = s * self.f2(self.lin2(guide))  # eq. 5, (B, T, d)
+        fused = torch.zeros_like(s)
+        if hasattr(self, "m3"):  # eq. 6 row-grained: over tokens, padding excluded
+            scores = (m_im * self.m3).masked_fill(~tmask.unsqueeze(-1), float("-inf"))
+            n_real = tmask.sum(1).clamp(min=1).to(s.dtype).view(-1, 1, 1)
+            fused = fused + scores.softmax(dim=-2) * n_real * s  # eq. 7 V_C
+        if hasattr(self, "m4"):  # eq. 6 column-grained: over the d features
+            fused = fused + (m_im * self.m4).softmax(dim=-1) * s.shape[-1] * s  # eq. 7 V_F
+        return self.f3(fused)  # eq. 8
+
+
+@register
+class MgipsClHead(FusionHead):
+    """MGIPS-CL fusion head (see the module docstring for the equation map)."""
+
+    name = "mgips_cl"
+    summary = (
+        "MGIPS-CL: mutual attention, multi-granularity interweave, implicit-positive contrastive"
+    )
+    needs = (CROPS,)
+    Config = MgipsClConfig
+
+    def __init__(self, cfg: MgipsClConfig, text_dim: int, feature_dims: Mapping[str, int]):
+        super().__init__(cfg, text_dim, feature_dims)
+        D = text_dim
+        heads = cfg.ma_heads
+        if heads is None:  # 64-wide heads like BERT's, or the nearest count dividing D
+            heads = max(1, D // 64)
+            while D % heads:
+                heads -= 1
+        if D % heads:
+            raise ConfigError(
+                f"head.ma_heads={heads} does not divide the encoder width {D}; "
+                f"set -o head.ma_heads to a divisor of {D} (or null)"
+            )
+        self.heads = heads
+        # Sec. 3.1.2: visual embedding of the O x R cached crop tokens + class embedding.
+        self.visual_embed = nn.Sequential(nn.Linear(self.feature_dims[CROPS], D), nn.LayerNorm(D))
+        self.class_embed = nn.Parameter(torch.randn(D) * 0.02)
+        self.no_image = nn.Parameter(torch.randn(D) * 0.02)
+        self.visual_pos = nn.Parameter(torch.randn(1 + cfg.num_crops * cfg.crop_tokens, D) * 0.02)
+        # Eqs. 2-4.
+        self.text_layers = nn.ModuleList(
+            _TextLayer(D, heads, cfg.dropout) for _ in range(cfg.ma_layers)
+        )
+        self.image_layers = nn.ModuleList(
+            _ImageLayer(D, heads, cfg.dropout) for _ in range(cfg.ma_layers)
+        )
+        if not cfg.no_mgi:  # eqs. 5-13
+            d = cfg.mgi_dim or D
+            self.align = nn.MultiheadAttention(D, heads, batch_first=True)
+            self.mge_image = Excavator(D, d, row=not cfg.no_row, column=not cfg.no_column)
+            self.mge_text = Excavator(D, d, row=not cfg.no_row, column=not cfg.no_column)
+            self.gate_post = nn.Linear(D, D, bias=False)  # W1
+            self.gate_pre = nn.Linear(D, D)  # W2 and b
+        if not (cfg.no_cl and cfg.no_ips_cl):  # eq. 14 encoders f and g
+            P = cfg.proj_dim or D
+            self.f_image = nn.Linear(D, P)
+            self.g_text = nn.Linear(D, P)
+
+    def forward(self, batch: HeadInput) -> HeadOutput:
+        """Fuse one batch.
+
+        Args:
+            batch: ``hidden`` (B, T, D), ``token_mask`` (B, T), ``visual[CROPS]``
+                (B, O, R, Wc), ``visual_masks[CROPS]`` (B, O), ``image_mask`` (B,).
+
+        Returns:
+            ``hidden`` z (B, T, D); aux losses ``cl``/``ips_cl`` unless switched off;
+            diagnostics ``mgips_gate`` (without ``no_mgi``) and ``mgips_relevance``
+            (when a contrastive loss is on), each (B,).
+
+        Raises:
+            CacheError: the cached crops do not have ``num_crops`` x ``crop_tokens``.
+        """
+        cfg = self.cfg
+        hidden, tmask = batch.hidden, batch.token_mask.bool()
+        crops = batch.visual[CROPS]  # (B, O, R, Wc)
+        B = hidden.shape[0]
+        n_crops, n_tokens = cfg.num_crops, cfg.crop_tokens  # O, R
+        if tuple(crops.shape[1:3]) != (n_crops, n_tokens):
+            raise CacheError(
+                f"{CROPS}: the cache has {crops.shape[1]} crops of {crops.shape[2]} tokens per "
+                f"image but the mgips_cl head is set for {n_crops} of {n_tokens}; set "
+                f"-o head.num_crops={crops.shape[1]} -o head.crop_tokens={crops.shape[2]}"
+            )
+        image_ok = (
+            batch.image_mask.bool()
+            if batch.image_mask is not None
+            else torch.ones(B, dtype=torch.bool, device=hidden.device)
+        )
+        crop_ok = batch.visual_masks.get(CROPS)  # (B, O); absent = every crop is real
+        crop_ok = (
+            torch.ones(B, n_crops, dtype=torch.bool, device=hidden.device)
+            if crop_ok is None
+            else crop_ok.bool()
+        )
+        crop_ok = crop_ok & image_ok.unsqueeze(1)
+
+        # Sec. 3.1.2: V^e = [v_0, crop tokens] + position; v_0 = no_image without an image.
+        tokens = self.visual_embed(crops.to(hidden.dtype)).flatten(1, 2)  # (B, O*R, D)
+        v0 = torch.where(image_ok.unsqueeze(-1), self.class_embed, self.no_image).unsqueeze(1)
+        ve = torch.cat([v0, tokens], dim=1) + self.visual_pos  # (B, 1+O*R, D)
+        vmask = torch.cat(  # (B, 1+O*R): v_0 always visible, so no row is empty
+            [
+                torch.ones(B, 1, dtype=torch.bool, device=hidden.device),
+                crop_ok.repeat_interleave(n_tokens, 1),
+            ],
+            dim=1,
+        )
+
+        # Eqs. 2-4: text layer l+1 reads image layer l's K^v, V^v; layer 1 reads V^e (eq. 3).
+        h_t, h_v, k_v, v_v = hidden, ve, ve, ve
+        for text_layer, image_layer in zip(self.text_layers, self.image_layers, strict=True):
+            h_t = text_layer(h_t, tmask, k_v, v_v, vmask)
+            h_v, k_v, v_v = image_layer(h_v, vmask)
+
+        aux: dict[str, torch.Tensor] = {}
+        diagnostics: dict[str, torch.Tensor] = {}
+        if cfg.no_mgi:
+            out = h_t
+        else:
+            # Eq. 9: X^v = MGE(H^v, H^t), with H^v gathered per text token first.
+            aligned, _ = self.align(
+                h_t, h_v, h_v, key_padding_mask=key_padding_mask(vmask), need_weights=False
+            )
+            x = self.mge_image(aligned, h_t, tmask)  # (B, T, D)
+            t = h_t
+            for _ in range(cfg.interweave_layers):  # eqs. 10-11, shared excavators
+                x = x + self.mge_image(x, t, tmask)
+                t = t + self.mge_text(t, x, tmask)
+            gate = torch.sigmoid(self.gate_post(t) + self.gate_pre(h_t))  # eq. 12, (B, T, D)
+            out = gate * h_t + (1 - gate) * t  # eq. 13
+            diagnostics["mgips_gate"] = masked_mean(
+                gate.detach().mean(-1, keepdim=True), tmask
+            ).squeeze(-1)
+
+        if hasattr(self, "f_image"):
+            t_emb = self.g_text(masked_mean(hidden, tmask))  # (B, P) g(t_i)
+            v_emb = self.f_image(h_v[:, 0])  # (B, P) f(v_j): the image stream's class token
+            valid = crop_ok.any(1)  # an image with at least one crop
+            diagnostics["mgips_relevance"] = F.cosine_similarity(t_emb, v_emb, dim=-1).detach()
+            if not cfg.no_cl:  # eq. 17
+                aux["cl"] = cfg.cl_weight * info_nce(t_emb, v_emb, cfg.temperature, "a2b", valid)
+            if not cfg.no_ips_cl:  # eqs. 14-16
+                aux["ips_cl"] = cfg.ips_weight * info_nce(
+                    t_emb,
+                    v_emb,
+                    cfg.temperature,
+                    "a2b",
+                    valid,
+                    positives=self._implicit_positives(t_emb, v_emb, valid),
+                    multi_positive="sum",
+                    diagonal_positive=False,
+                )
+        return HeadOutput(hidden=out, aux_losses=aux, diagnostics=diagnostics)
+
+    def _implicit_positives(
+        self, t_emb: torch.Tensor, v_emb: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Eqs. 14-15: (B, B) bool, row i marks the top-K images of the batch for tweet i.
+
+        K is capped at (valid images - 1) so at least one negative remains; selection is
+        a discrete choice and carries no gradient.
+        """
+        B = t_emb.shape[0]
+        positives = torch.zeros(B, B, dtype=torch.bool, device=t_emb.device)
+        k = min(self.cfg.ips_k, int(valid.sum()) - 1)
+        if k < 1:
+            return positives
+        with torch.no_grad():
+            sim = F.normalize(t_emb, dim=-1) @ F.normalize(v_emb, dim=-1).t()  # (B, B) eq. 14
+            sim = sim.masked_fill(~valid.unsqueeze(0), -math.inf)
+            top = sim.topk(k, dim=1).indices  # (B, K) eq. 15
+        return positives.scatter(1, top, True)
