@@ -38,7 +38,8 @@ def tiny_cache(sample_dir, tmp_path_factory):
     from mner.extract.runner import run_extract
 
     out = tmp_path_factory.mktemp("cache") / "sample.h5"
-    cfg = ExtractConfig(profile="tiny", device="cpu")
+    # One intra-op thread: several times faster than two on the shared 2-core CI CPU.
+    cfg = ExtractConfig(profile="tiny", device="cpu", threads=1)
     run_extract(
         cfg,
         images=sample_dir / "images",

@@ -1,0 +1,229 @@
+"""Reading the HDF5 feature cache (``FeatureCache``), aligned with dataset image ids.
+
+The h5py handle is opened lazily and kept per process id: a DataLoader worker forked
+after the parent touched the cache opens its own handle instead of sharing the parent's
+(HDF5 handles are not fork-safe).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mner.cache import schema
+from mner.cache.writer import decode_attr
+from mner.errors import CacheError
+
+
+class FeatureCache:
+    """Read access to one cache file.
+
+    Args:
+        path: The ``.h5`` file written by ``mner extract``.
+
+    Raises:
+        CacheError: If the file is missing, not HDF5, or of another schema version.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            part = self.path.with_name(self.path.name + ".partial")
+            hint = (f" ({part.name} exists: the extraction did not finish; re-run mner extract "
+                    "to resume)") if part.exists() else " (run mner extract first)"
+            raise CacheError(f"{self.path}: no such cache{hint}")
+        if not h5py.is_hdf5(self.path):
+            raise CacheError(f"{self.path}: not an HDF5 file; re-run mner extract --overwrite")
+        self._handles: dict[int, h5py.File] = {}
+        version = self.h5.attrs.get("schema_version")
+        if version != schema.SCHEMA_VERSION:
+            raise CacheError(
+                f"{self.path}: cache schema version {version}, this mner reads "
+                f"{schema.SCHEMA_VERSION}; re-run mner extract --overwrite"
+            )
+        ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["image_ids"][:]]
+        self.image_ids: list[str] = ids
+        self._row = {k: i for i, k in enumerate(ids)}
+        self._status = np.array([s.decode() if isinstance(s, bytes) else s
+                                 for s in self.h5["status"][:]], dtype=object)
+        self._text_row: dict[str, int] | None = None
+
+    @property
+    def h5(self) -> h5py.File:
+        """The h5py handle of the current process (opened on first use)."""
+        pid = os.getpid()
+        h = self._handles.get(pid)
+        if h is None or not h.id.valid:
+            # Handles inherited from a parent process are dropped, never closed: closing
+            # them here would close the parent's file descriptor state as well.
+            self._handles = {pid: h5py.File(self.path, "r")}
+            h = self._handles[pid]
+        return h
+
+    def close(self) -> None:
+        """Close this process's handle (reopened on next use)."""
+        h = self._handles.pop(os.getpid(), None)
+        if h is not None and h.id.valid:
+            h.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    # -- metadata -------------------------------------------------------------------------
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Root attributes plus one entry per group with that group's attributes.
+
+        ``provenance["profile"]``, ``provenance["resnet"]["model"]``, ... (JSON decoded).
+        """
+        out: dict[str, Any] = {k: decode_attr(k, v) for k, v in self.h5.attrs.items()}
+        for g in schema.GROUPS:
+            if g in self.h5:
+                out[g] = {k: decode_attr(k, v) for k, v in self.h5[g].attrs.items()}
+        return out
+
+    @property
+    def datasets(self) -> set[str]:
+        """``"group/dataset"`` names present (done flags and keys excluded)."""
+        return {f"{g}/{s.name}" for g, specs in schema.GROUPS.items() if g in self.h5
+                for s in specs if s.name in self.h5[g]}
+
+    def dims(self, name: str) -> int:
+        """Last dimension of dataset ``name``.
+
+        Raises:
+            CacheError: If the dataset is absent.
+        """
+        self.require([name])
+        return int(self.h5[name].shape[-1])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Full shape of dataset ``name``."""
+        self.require([name])
+        return tuple(self.h5[name].shape)
+
+    def require(self, names: Iterable[str], expect: Mapping[str, Any] | None = None) -> None:
+        """Check the cache has ``names`` and was made with the settings in ``expect``.
+
+        Args:
+            names: ``"group/dataset"`` names a model needs.
+            expect: Settings to compare: root attribute names (``"profile"``) or
+                ``"group.attr"`` (``"clip.model"``); values compared after JSON decoding.
+
+        Raises:
+            CacheError: One line naming the first missing dataset or differing setting.
+        """
+        present = self.datasets
+        missing = [n for n in names if n not in present]
+        if missing:
+            groups = sorted({n.split("/")[0] for n in missing})
+            raise CacheError(
+                f"{self.path}: lacks {', '.join(missing)}; re-run mner extract with "
+                f"--features {','.join(groups)} (and the same --out) to add them"
+            )
+        prov = self.provenance
+        for key, want in (expect or {}).items():
+            node: Any = prov
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            if node != want:
+                raise CacheError(
+                    f"{self.path} was made with {key} {node}, the run asks for {want}; "
+                    "re-extract with matching settings or change the run's settings"
+                )
+
+    # -- rows -----------------------------------------------------------------------------
+
+    def status_of(self, image_ids: Sequence[str]) -> list[str]:
+        """Load status per id (``"missing"`` for ids not in the cache)."""
+        return [str(self._status[self._row[i]]) if i in self._row else "missing"
+                for i in image_ids]
+
+    def load(self, names: Sequence[str], image_ids: Sequence[str]
+             ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        """Rows of ``names`` for ``image_ids`` (in that order, duplicates allowed).
+
+        Args:
+            names: ``"group/dataset"`` names (image groups only).
+            image_ids: Ids to fetch, shape (B,).
+
+        Returns:
+            ``(arrays, image_ok, masks)``: ``arrays[name]`` has shape (B, ...) with zero
+            rows for ids that are absent or whose image did not load; ``image_ok`` (B,)
+            bool; ``masks[group]`` (B, O) bool for ``objects`` (valid detections) and
+            (B, K) for ``crops``, when those groups are requested.
+        """
+        self.require(names)
+        rows = np.array([self._row.get(i, -1) for i in image_ids], dtype=np.int64)
+        ok = rows >= 0
+        ok[ok] = self._status[rows[ok]] == "ok"
+        take = rows[ok]
+        # h5py wants increasing unique indices: read the unique sorted rows once, then
+        # scatter them back to the requested order.
+        uniq, inverse = np.unique(take, return_inverse=True)
+        arrays: dict[str, np.ndarray] = {}
+        for name in names:
+            ds = self.h5[name]
+            out = np.zeros((len(image_ids),) + ds.shape[1:], dtype=ds.dtype)
+            if len(uniq):
+                out[ok] = _read_rows(ds, uniq)[inverse]
+            arrays[name] = out
+        masks: dict[str, np.ndarray] = {}
+        for group, count, width in (("objects", "objects/count", "objects/scores"),
+                                    ("crops", "crops/count", "crops/boxes")):
+            if any(n.startswith(group + "/") for n in names) or (
+                    group == "objects" and any(n.startswith("relations/") for n in names)):
+                if count not in self.datasets:
+                    continue
+                cnt = np.zeros(len(image_ids), dtype=np.int64)
+                if len(uniq):
+                    cnt[ok] = _read_rows(self.h5[count], uniq)[inverse]
+                slots = self.h5[width].shape[1]
+                masks[group] = np.arange(slots)[None, :] < cnt[:, None]
+        return arrays, ok, masks
+
+    def load_text(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """CLIP text-teacher rows for sentence keys (``Tweet.key``).
+
+        Returns:
+            ``{"sentence": (S, Dc), "entities": (S, E, Dc), "entity_count": (S,),
+            "found": (S,) bool}``; unknown keys give zero rows and ``found`` False.
+
+        Raises:
+            CacheError: If the cache has no clip_text group.
+        """
+        self.require(["clip_text/sentence"])
+        g = self.h5["clip_text"]
+        if self._text_row is None:
+            self._text_row = {(k.decode() if isinstance(k, bytes) else k): i
+                              for i, k in enumerate(g[schema.TEXT_KEYS][:])}
+        rows = np.array([self._text_row.get(k, -1) for k in keys], dtype=np.int64)
+        found = rows >= 0
+        uniq, inverse = np.unique(rows[found], return_inverse=True)
+        out: dict[str, np.ndarray] = {}
+        for name in ("sentence", "entities", "entity_count"):
+            ds = g[name]
+            arr = np.zeros((len(keys),) + ds.shape[1:], dtype=ds.dtype)
+            if len(uniq):
+                arr[found] = _read_rows(ds, uniq)[inverse]
+            out[name] = arr
+        out["found"] = found
+        return out
+
+
+def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Read sorted unique ``rows``; a contiguous run is one slice (much faster in h5py)."""
+    if rows[-1] - rows[0] + 1 == len(rows):
+        return ds[int(rows[0]): int(rows[-1]) + 1]
+    if len(rows) > ds.shape[0] // 4:
+        # Dense selections: one full read beats h5py's per-row point selection.
+        return ds[:][rows]
+    return ds[rows.tolist()]

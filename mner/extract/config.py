@@ -1,0 +1,94 @@
+"""``ExtractConfig``: every setting of ``mner extract`` (params.yaml section ``extract``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mner.cache.schema import FEATURES
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of stage one. Field defaults are the project's only extraction defaults.
+
+    Attributes:
+        profile: ``paper`` (the published pretrained models) or ``tiny`` (seeded random
+            models small enough for a 2-core CPU; tests and the demo).
+        features: Feature groups to compute; ``relations`` and ``crops`` run the
+            detector too (its outputs are stored only when ``objects`` is listed).
+        device: ``auto`` picks CUDA when available.
+        batch_size: Images per inference batch.
+        workers: DataLoader processes decoding images; None = 2 on CPU, 4 on CUDA.
+        weights_dir: Folder with local weight files ``<model>.pth`` (see
+            :mod:`mner.extract.weights`); tried before any library cache or download.
+        overwrite: Discard an existing cache (and partial file) instead of resuming.
+        seed: Seed of the tiny profile's random weights.
+        resnet_weights: torchvision weight enum member of ResNet-152 (paper profile).
+        clip_model: open_clip model name (paper profile).
+        clip_pretrained: open_clip pretrained tag (paper profile).
+        detector: ``fasterrcnn`` / ``maskrcnn`` (torchvision, v2 weights) or
+            ``detectron2`` (optional backend; needs detectron2 installed).
+        max_objects: Detections kept per image after NMS (O).
+        score_threshold: Minimum detection score; None = 0.05 (paper) / 0.0 (tiny, so
+            random detectors still return ``max_objects`` boxes).
+        region_pool: ``box_head`` (RoIAlign 7x7 then the detector's box head to a
+            vector) or ``mean`` (RoIAlign 7x7 averaged to the FPN width).
+        num_crops: Object crops per image for MGIPS-CL (K).
+        crop_size: Side of the square crop fed to CLIP, pixels.
+        max_pixels: Decompression-bomb guard: larger images get status ``too_large``.
+        amp: float16 autocast on CUDA (ignored on CPU).
+        threads: torch intra-op threads during the run (restored after); None leaves
+            torch's setting. On a shared, busy CPU 1 is often several times faster than
+            more, since every parallel op waits for its slowest thread.
+    """
+
+    profile: Literal["paper", "tiny"] = "paper"
+    features: tuple[str, ...] = FEATURES
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 16
+    workers: int | None = None
+    weights_dir: Path | None = None
+    overwrite: bool = False
+    seed: int = 0
+    resnet_weights: Literal["IMAGENET1K_V1", "IMAGENET1K_V2"] = "IMAGENET1K_V1"
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "openai"
+    detector: Literal["fasterrcnn", "maskrcnn", "detectron2"] = "fasterrcnn"
+    max_objects: int = 15
+    score_threshold: float | None = None
+    region_pool: Literal["box_head", "mean"] = "box_head"
+    num_crops: int = 3
+    crop_size: int = 128
+    max_pixels: int = 89_478_485
+    amp: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown:
+            raise ValueError(f"unknown feature {', '.join(unknown)}; choose from {', '.join(FEATURES)}")
+        if not self.features:
+            raise ValueError("features is empty; choose from " + ", ".join(FEATURES))
+        for name in ("batch_size", "max_objects", "num_crops", "crop_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.num_crops > self.max_objects:
+            raise ValueError(f"num_crops ({self.num_crops}) exceeds max_objects ({self.max_objects})")
+        # Keep the canonical order so caches made with the same set compare equal.
+        object.__setattr__(self, "features", tuple(f for f in FEATURES if f in self.features))
+
+    @property
+    def threshold(self) -> float:
+        """The effective detection score threshold."""
+        if self.score_threshold is not None:
+            return self.score_threshold
+        return 0.0 if self.profile == "tiny" else 0.05
+
+    @property
+    def needs_detector(self) -> bool:
+        """Whether any requested feature needs detections."""
+        return bool({"objects", "relations", "crops"} & set(self.features))

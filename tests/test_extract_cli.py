@@ -1,0 +1,108 @@
+"""``mner extract`` / ``mner inspect`` on the command line: flags, params, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mner.cache.reader import FeatureCache
+from mner.pipeline import cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run ``mner ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["mner", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(d / f"i{i}.jpg")
+    (d / "bad.jpg").write_bytes(b"")
+    return d
+
+
+def test_extract_params_flags_and_overrides(tmp_path, images, monkeypatch, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  profile: tiny\n  features: [resnet, objects]\n  max_objects: 4\n"
+                      "  workers: 0\n")
+    out = tmp_path / "c.h5"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "extract", "--images", images, "--out", out,
+                                   "--params", params, "--device", "cpu", "--quiet",
+                                   "-o", "max_objects=5", "--batch-size", "2")
+    assert code == 0, stderr
+    assert "wrote" in stdout and "4 images (empty 1, ok 3)" in stdout
+    assert "image bad: empty" in stderr
+    cache = FeatureCache(out)
+    assert cache.datasets == {"resnet/grid", "resnet/pooled", "objects/boxes", "objects/boxes_norm",
+                              "objects/scores", "objects/labels", "objects/features", "objects/count"}
+    assert cache.shape("objects/boxes") == (4, 5, 4)  # -o wins over params.yaml
+
+    code, stdout, _ = run_cli(monkeypatch, capsys, "inspect", out)
+    assert code == 0 and "profile tiny" in stdout and "objects/boxes" in stdout and "ok 3" in stdout
+    code, stdout, _ = run_cli(monkeypatch, capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert info["status"] == {"ok": 3, "empty": 1}
+    assert info["datasets"]["objects/boxes"]["shape"] == [4, 5, 4]
+    assert len(info["datasets"]["resnet/grid"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "profile=huge"], "extract (params + flags + -o).profile: 'huge' is not one of"),
+    (["-o", "features=resnet,nope"], "unknown feature nope"),
+    (["--images", "/nonexistent/dir"], "/nonexistent/dir: no such images folder"),
+])
+def test_user_errors_are_one_line(tmp_path, images, monkeypatch, capsys, args, message):
+    base = ["extract", "--images", images, "--out", tmp_path / "c.h5", "--profile", "tiny"]
+    code, _, stderr = run_cli(monkeypatch, capsys, *base, *args)
+    assert code == 2
+    assert stderr.startswith("error: ") and message in stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_data_takes_several_files(tmp_path, images, monkeypatch, capsys):
+    for name, img in (("train.txt", "i0"), ("test.txt", "i2")):
+        (tmp_path / name).write_text(f"IMGID:{img}\nRome\tB-LOC\n\n", encoding="utf-8")
+    out = tmp_path / "c.h5"
+    code, stdout, stderr = run_cli(monkeypatch, capsys, "extract", "--images", images, "--data",
+                                   tmp_path / "train.txt", tmp_path / "test.txt", "--out", out,
+                                   "--profile", "tiny", "--features", "resnet", "--quiet",
+                                   "--device", "cpu", "--workers", "0")
+    assert code == 0, stderr
+    assert FeatureCache(out).image_ids == ["i0", "i2"]
+
+
+def test_params_file_errors_name_the_file(tmp_path, images, monkeypatch, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  batchsize: 3\n")
+    code, _, stderr = run_cli(monkeypatch, capsys, "extract", "--images", images, "--out",
+                              tmp_path / "c.h5", "--params", params)
+    assert code == 2 and f"{params}:extract: unknown key batchsize" in stderr
+
+
+def test_inspect_missing_file(tmp_path, monkeypatch, capsys):
+    code, _, stderr = run_cli(monkeypatch, capsys, "inspect", tmp_path / "none.h5")
+    assert code == 2 and "none.h5: no such cache" in stderr
