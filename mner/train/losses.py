@@ -23,6 +23,8 @@ def info_nce(
     valid: torch.Tensor | None = None,
     normalize: bool = True,
     positives: torch.Tensor | None = None,
+    multi_positive: Literal["mean", "sum"] = "mean",
+    diagonal_positive: bool = True,
 ) -> torch.Tensor:
     """InfoNCE loss over a batch where ``a[i]`` and ``b[i]`` are the positive pair.
 
@@ -40,8 +42,14 @@ def info_nce(
         normalize: L2-normalise before the dot product (cosine similarity).
         positives: optional (B, B) bool of extra positives per anchor row for
             multi-positive contrastive learning (MGIPS-CL's implicit positives); the loss
-            for an anchor is then the mean over its positives. The diagonal is always
-            positive.
+            for an anchor is then the mean over its positives. The diagonal is
+            positive unless ``diagonal_positive`` is False.
+        multi_positive: how several positives of one anchor combine: ``mean`` is the
+            mean over positives of ``-log p`` (supervised-contrastive style); ``sum`` is
+            ``-log`` of the summed probability of the positives (MGIPS-CL eq. 16).
+        diagonal_positive: False when ``positives`` alone says which pairs are positive
+            (MGIPS-CL's top-K images need not include the tweet's own image). Anchors
+            left without a positive among the valid rows are skipped.
 
     Returns:
         A scalar tensor.
@@ -53,6 +61,10 @@ def info_nce(
     B = a.shape[0]
     if valid is None:
         valid = torch.ones(B, dtype=torch.bool, device=a.device)
+    if valid.shape != (B,):
+        raise ValueError(f"info_nce: valid must be ({B},), got {tuple(valid.shape)}")
+    # A 0/1 integer mask would index rows 0 and 1 instead of selecting rows.
+    valid = valid.to(torch.bool)
     if int(valid.sum()) < 2:
         return a.sum() * 0.0 + b.sum() * 0.0
     a = a[valid]
@@ -62,10 +74,24 @@ def info_nce(
         b = F.normalize(b, dim=-1)
     logits = a @ b.t() / temperature  # (B', B')
     eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
-    pos = eye if positives is None else (positives[valid][:, valid] | eye)
+    if positives is None:
+        pos = eye
+    else:
+        pos = positives[valid][:, valid].bool()
+        if diagonal_positive:
+            pos = pos | eye
+    if multi_positive not in ("mean", "sum"):
+        raise ValueError(f"unknown multi_positive {multi_positive!r}; use mean or sum")
 
     def one_way(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        has = p.sum(-1) > 0  # only without the diagonal can an anchor lack a positive
+        if not bool(has.all()):
+            if not bool(has.any()):
+                return lg.sum() * 0.0
+            lg, p = lg[has], p[has]  # a logsumexp over no positive would give NaN grads
         logp = lg.log_softmax(dim=-1)
+        if multi_positive == "sum":
+            return -torch.logsumexp(logp.masked_fill(p == 0, float("-inf")), dim=-1).mean()
         return -((logp * p).sum(-1) / p.sum(-1)).mean()
 
     if direction == "a2b":

@@ -46,8 +46,9 @@ def replace_missing(x: torch.Tensor, image_mask: torch.Tensor, no_image: torch.T
     Returns:
         Tensor shaped like ``x``.
     """
-    keep = image_mask.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-    return x * keep + no_image.to(x.dtype) * (1 - keep)
+    keep = image_mask.bool().view(-1, *([1] * (x.dim() - 1)))
+    # where, not x * keep: a NaN or inf in a missing row must not survive as NaN * 0.
+    return torch.where(keep, x, no_image.to(x.dtype))
 
 
 def span_mean(hidden: torch.Tensor, spans: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,261 @@
+"""MGC: Multi-Granularity Contrastive knowledge distillation.
+
+Paper: /work/shared/papers/000_72bfaac9fd095f9c.txt ("Multi-Granularity Contrastive
+Knowledge Distillation for Multimodal Named Entity Recognition"), section 2.
+
+Map from the paper's equations to this module (shapes: B batch, T sub-tokens,
+E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):
+
+* eq. 1, ``H = BERT(X)``: ``batch.hidden`` (B, T, D); ``h^g`` is its [CLS] row 0.
+* eqs. 2-3, the mapping ``E(.)`` into the joint space: ``self.joint`` = Linear(D -> Dc);
+  ``u_gl_s = E(h^g)`` (B, Dc) and ``u_e_s = E(psi(span))`` (B, E, Dc) with ``psi`` the
+  mean over each entity's sub-tokens (``masking.span_mean``).
+* eq. 4, ``g = ViT(V)``: the cached CLIP image embedding ``clip/image_embed`` (B, Dc).
+* eqs. 5-6, the CLIP text teacher: ``batch.text_teacher["sentence"]`` (B, Dc) and
+  ``["entities"]`` (B, E, Dc), cached by ``mner extract``.
+* eqs. 7-8, knowledge distillation, the Euclidean distance ``||u^t - u^s||_2``:
+  ``aux_losses["kd_global"]`` and ``["kd_entity"]``, averaged over the sentences and
+  over the real entities (the paper sums; averaging makes ``kd_weight`` independent of
+  the batch size and the entity count).
+* eqs. 9-10, global contrastive loss on ``A^G = g_i . u_gl_s_j`` (cosine, rows are
+  images): ``losses.info_nce(g, u_gl_s, tau, direction="a2b")`` ->
+  ``aux_losses["contrastive_global"]``.
+* eqs. 11-12, local contrastive loss: for each image the entity whose ``u_e_s`` is most
+  similar to it (argmax of the cosine over real entities), then the same InfoNCE ->
+  ``aux_losses["contrastive_entity"]``.
+* eqs. 13-18, the output module: UMT's multimodal interaction
+  (:class:`mner.train.heads.umt.MultimodalInteraction`) with ``g`` projected to D as a
+  single visual item (R=1), the visual gate ``c`` and ``S = [A; B]`` (B, T, 2D).
+* eq. 20, ``L = L_mner + lambda (L_G^C + L_E^C) + beta (L_G^KD + L_E^KD)``: the trainer
+  adds the CRF loss (eq. 19) to the aux losses, which are already multiplied by
+  ``contrastive_weight`` (lambda) and ``kd_weight`` (beta).
+
+The paper does not report lambda and beta; both default to 1.0. tau = 0.05, d2 = 512
+(CLIP ViT-B) and 12 attention heads are its section 3.1 values; d2 follows the cached
+CLIP dim so the student lands in the teacher's space.
+
+Images that could not be read are excluded from both contrastive losses (``valid=``)
+and replaced by a learned no-image embedding in the output module. At prediction time
+the teacher embeddings and entity spans are absent: KD and contrastive losses are
+skipped and only the output module runs.
+
+Ablation switches (Table 2): ``no_kd`` (-KD: no ``kd_*`` losses), ``no_contrastive``
+(-Contra.: no ``contrastive_*`` losses), ``no_visual`` (-Visual.: no image input at
+all, so no output module and no contrastive losses; the head returns ``H`` and
+reads no cached feature). ``E(.)`` exists only while a loss uses it.
+
+Diagnostics: ``mgc_image_text_sim`` (B,) cosine of ``g`` and ``u_gl_s`` in the joint
+space; ``mgc_gate`` (B,) mean visual gate over real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mner.errors import CacheError, ConfigError
+from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.heads.umt import MultimodalInteraction, mean_gate, resolve_heads
+from mner.train.losses import info_nce
+from mner.train.masking import span_mean
+
+IMAGE = "clip/image_embed"
+TEACHER = "clip_text/sentence"
+
+
+@dataclass(frozen=True)
+class MGCConfig:
+    """MGC hyperparameters and ablation switches (paper section 3.1 and Table 2).
+
+    Attributes:
+        joint_dim: d2, the joint space size; None = the cached CLIP embedding dim
+            (512 for ViT-B/32). Must equal the teacher's dim.
+        temperature: tau of the contrastive losses (0.05).
+        contrastive_weight: lambda in eq. 20 (not reported; 1.0).
+        kd_weight: beta in eq. 20 (not reported; 1.0).
+        heads: attention heads of the output module; None keeps head size 64
+            (12 at D=768, the paper's value).
+        ffn_dim: FFN inner size; None = 4 * D.
+        dropout: dropout in the output module's transformer layers.
+        no_kd: ablation -KD: no knowledge distillation from the CLIP text teacher.
+        no_contrastive: ablation -Contra.: no global/local contrastive losses.
+        no_visual: ablation -Visual.: no vision-related module at all.
+    """
+
+    joint_dim: int | None = None
+    temperature: float = 0.05
+    contrastive_weight: float = 1.0
+    kd_weight: float = 1.0
+    heads: int | None = None
+    ffn_dim: int | None = None
+    dropout: float = 0.1
+    no_kd: bool = False
+    no_contrastive: bool = False
+    no_visual: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.contrastive_weight < 0 or self.kd_weight < 0:
+            raise ValueError("contrastive_weight and kd_weight must not be negative")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.joint_dim is not None and self.joint_dim < 1:
+            raise ValueError(f"joint_dim must be positive, got {self.joint_dim}")
+
+    @property
+    def uses_contrastive(self) -> bool:
+        return not (self.no_contrastive or self.no_visual)
+
+
+@register
+class MGCHead(FusionHead):
+    """MGC: CLIP-distilled joint space, multi-granularity contrast, UMT output module."""
+
+    name = "mgc"
+    summary = "MGC: CLIP text-teacher distillation, global + entity image-text contrast, UMT gated fusion"
+    needs = (IMAGE,)
+    needs_text_teacher = True
+    default_scheme = "bio2"
+    Config = MGCConfig
+
+    @classmethod
+    def required_features(cls, cfg: MGCConfig) -> tuple[str, ...]:
+        """``clip/image_embed``, or nothing under the -Visual. ablation."""
+        return () if cfg.no_visual else cls.needs
+
+    def __init__(self, cfg: MGCConfig, text_dim: int, feature_dims: Mapping[str, int]):
+        super().__init__(cfg, text_dim, feature_dims)
+        D = text_dim
+        # d2 is the teacher's space: the CLIP image dim, or (under -Visual., where no
+        # image is read) the cached text-teacher dim when the trainer passes it.
+        joint_dim = cfg.joint_dim or self.feature_dims.get(IMAGE) or self.feature_dims.get(TEACHER)
+        self.joint = None
+        if cfg.uses_contrastive or not cfg.no_kd:
+            if joint_dim is None:
+                raise ConfigError(
+                    "train.head: MGC's joint space size is unknown without the CLIP image "
+                    "embedding (no_visual=true); set head.joint_dim to the cached CLIP dim "
+                    "(`mner inspect` shows it as the dims of clip_text/sentence)"
+                )
+            if self.feature_dims.get(IMAGE, joint_dim) != joint_dim:
+                raise ConfigError(
+                    f"train.head.joint_dim: {joint_dim} differs from the cached CLIP image "
+                    f"embedding dim {self.feature_dims[IMAGE]}; leave joint_dim unset"
+                )
+            self.joint = nn.Linear(D, joint_dim)  # E(.), eqs. 2-3
+        self.joint_dim = joint_dim
+        self.interaction = None
+        if not cfg.no_visual:
+            self.interaction = MultimodalInteraction(
+                D, self.feature_dims[IMAGE], resolve_heads(cfg.heads, D), cfg.ffn_dim or 4 * D, cfg.dropout
+            )
+            self.out_dim = self.interaction.out_dim
+
+    def forward(self, batch: HeadInput) -> HeadOutput:
+        """Output module plus, when training inputs are present, the KD and contrastive losses.
+
+        Args:
+            batch: ``hidden`` (B, T, D), ``token_mask`` (B, T), ``visual["clip/image_embed"]``
+                (B, Dc), ``image_mask`` (B,); for the losses ``text_teacher``
+                (``sentence`` (B, Dc), ``entities`` (B, E, Dc)), ``entity_spans``
+                (B, E, 2) and ``entity_mask`` (B, E).
+
+        Returns:
+            ``hidden`` (B, T, out_dim), the enabled ``aux_losses`` and diagnostics.
+        """
+        cfg = self.cfg
+        H = batch.hidden
+        mask = batch.token_mask.bool()
+        B = H.shape[0]
+        out = HeadOutput(hidden=H)
+        image_mask = batch.image_mask
+        if image_mask is None:
+            image_mask = torch.ones(B, dtype=torch.bool, device=H.device)
+        image_mask = image_mask.bool()
+        g = batch.visual[IMAGE].to(H.dtype) if self.interaction is not None else None  # (B, Dc)
+
+        # Output module, eqs. 13-18: the image embedding is one visual item (R=1).
+        if self.interaction is not None:
+            fused = self.interaction(H, mask, g.unsqueeze(1), image_mask)
+            out.hidden = fused.hidden
+            out.diagnostics["mgc_gate"] = mean_gate(fused.gate, mask)
+
+        if self.joint is None:
+            return out
+        u_gl = self.joint(H[:, 0])  # eq. 2: (B, Dc)
+        if g is not None:
+            out.diagnostics["mgc_image_text_sim"] = F.cosine_similarity(
+                g.float(), u_gl.detach().float(), dim=-1
+            )
+        teacher = batch.text_teacher or {}
+        if not teacher:  # prediction time: no teacher, no gold entities
+            return out
+
+        has_entities = batch.entity_spans is not None and batch.entity_mask is not None
+        if has_entities:
+            e_mask = batch.entity_mask.bool()  # (B, E)
+            u_e = self.joint(span_mean(H, batch.entity_spans, e_mask))  # eq. 3: (B, E, Dc)
+
+        if not cfg.no_kd:
+            u_gl_t = teacher["sentence"]  # eq. 5: (B, Dc)
+            if u_gl_t.shape[-1] != self.joint_dim:
+                raise CacheError(
+                    f"the cached CLIP text teacher is {u_gl_t.shape[-1]}-d but MGC's joint "
+                    f"space is {self.joint_dim}-d; extract image and text features with one "
+                    "CLIP model (or unset head.joint_dim)"
+                )
+            out.aux_losses["kd_global"] = cfg.kd_weight * _mean_distance(
+                u_gl_t, u_gl, u_gl_t.abs().sum(-1) > 0
+            )  # eq. 7
+            if has_entities and "entities" in teacher:
+                u_e_t = teacher["entities"]  # eq. 6: (B, E, Dc)
+                if u_e_t.shape[:2] != u_e.shape[:2]:
+                    raise ValueError(
+                        f"teacher entities {tuple(u_e_t.shape)} do not match entity_spans "
+                        f"{tuple(batch.entity_spans.shape)}"
+                    )
+                out.aux_losses["kd_entity"] = cfg.kd_weight * _mean_distance(
+                    u_e_t, u_e, e_mask
+                )  # eq. 8
+
+        if cfg.uses_contrastive:
+            tau = cfg.temperature
+            # eqs. 9-10: each image must pick its own sentence among the batch's.
+            out.aux_losses["contrastive_global"] = cfg.contrastive_weight * info_nce(
+                g.float(), u_gl.float(), tau, direction="a2b", valid=image_mask
+            )
+            if has_entities:
+                # eq. 11: the entity most similar to the image stands for the sentence.
+                # Only the argmax is used; float32 avoids mixed dtypes under autocast.
+                sim = torch.einsum(
+                    "bd,bed->be", F.normalize(g.float(), dim=-1), F.normalize(u_e.detach().float(), dim=-1)
+                )
+                best = sim.masked_fill(~e_mask, float("-inf")).argmax(-1)  # (B,)
+                u_best = u_e[torch.arange(B, device=H.device), best]  # (B, Dc)
+                # eq. 12 and the loss of eq. 10 over image-entity pairs.
+                out.aux_losses["contrastive_entity"] = cfg.contrastive_weight * info_nce(
+                    g.float(), u_best.float(), tau, direction="a2b", valid=image_mask & e_mask.any(-1)
+                )
+        return out
+
+
+def _mean_distance(target: torch.Tensor, pred: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean Euclidean distance ``||target - pred||_2`` over the valid rows.
+
+    Args:
+        target: (..., Dc) teacher embeddings (no gradient flows into them).
+        pred: (..., Dc) student embeddings.
+        valid: (...) bool.
+
+    Returns:
+        A scalar; 0 (still attached to ``pred``) when nothing is valid.
+    """
+    # The epsilon keeps the gradient of the norm finite at a zero distance.
+    dist = ((target.detach().float() - pred.float()).pow(2).sum(-1) + 1e-8).sqrt()
+    w = valid.to(dist.dtype)
+    return (dist * w).sum() / w.sum().clamp(min=1.0)

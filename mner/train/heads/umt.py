@@ -1,0 +1,404 @@
+"""UMT: Unified Multimodal Transformer with auxiliary entity span detection.
+
+Paper: Yu, Jiang, Yang and Xia (2020), "Improving Multimodal Named Entity Recognition
+via Entity Span Detection with Unified Multimodal Transformer" (ACL 2020). It is not in
+/work/shared/papers; our spec is its summary in section 2.4 ("Output Module", eqs.
+13-18) of /work/shared/papers/000_72bfaac9fd095f9c.txt (MGC, which builds on UMT),
+with UMT's own design and its authors' released code for what that summary leaves out
+(the extra text transformer layer, the ESD branch and its loss weight 0.5).
+
+Map from the equations (MGC paper numbering) to this module:
+
+* visual input ``g``: the ResNet 7x7 grid ``resnet/grid`` (B, R=49, Dv), projected to
+  the text dim D by ``MultimodalInteraction.visual_proj`` (``V`` below); rows of
+  missing images are replaced by the learned ``no_image`` embedding.
+* text input ``H``: the encoder states passed through one transformer layer
+  (``UMTHead.text_layer``, UMT's "main" text branch).
+* eqs. 13-16, ``P = LN(P~ + FFN(P~))`` with ``P~ = LN(g + M(H, g))``: regions attend to
+  words, ``TransformerLayer`` ``img2txt`` (query V, key/value H) -> ``P`` (B, R, D).
+* image-aware word representation ``A``: words attend to ``P`` through a second
+  cross-modal transformer layer ``txt2img_word`` (query H, key/value P) -> (B, T, D).
+* word-aware visual representation ``Q``: words attend to the regions,
+  ``txt2img_visual`` (query H, key/value V) -> (B, T, D).
+* eq. 17, visual gate ``c = sigmoid(W_a A + W_q Q)``: ``gate`` = Linear(2D -> D) on
+  ``[A; Q]`` (element-wise gate, as in UMT).
+* eq. 18, ``B = c * Q``; output ``S = [A; B]`` (B, T, 2D), so ``out_dim = 2 * D``.
+* entity span detection (UMT's auxiliary module): a separate transformer layer over the
+  encoder states (``esd_layer``), a linear layer to untyped B/I/O (``esd_classifier``)
+  and its own CRF (``esd_crf``); loss ``esd_weight * L_ESD`` in ``aux_losses["esd"]``.
+  Gold span tags come from ``labels``/``label_names``: B-X and S-X -> B, I-X and E-X
+  -> I, O -> O (so BIO2 and BIOES runs both work).
+
+Not implemented: UMT's conversion matrix, which adds the ESD emissions mapped to
+typed tags (``esd_logits @ W_tr``) to the typed CRF emissions. The trainer owns the
+typed emission layer and ``HeadOutput`` has no channel for an emission prior, so here
+ESD shapes the shared encoder through its auxiliary loss only (multi-task learning).
+
+Ablation switches, one per component of the design above (the UMT paper is not in
+/work/shared/papers, so its ablation table could not be checked row by row); each
+removes exactly its parameters and loss term: ``esd`` (False:
+no ESD branch, no ``esd`` loss), ``no_gate`` (``B = Q``), ``no_image_aware`` (``A = H``:
+no ``img2txt``/``txt2img_word`` layers), ``no_word_aware`` (no ``Q``, no gate, output
+``A`` only, ``out_dim = D``).
+
+Diagnostic: ``umt_gate`` (B,) is the mean visual gate over real tokens and dims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchcrf import CRF
+
+from mner.errors import ConfigError
+from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.masking import key_padding_mask, masked_mean, replace_missing
+
+# ---------------------------------------------------------------------------------------
+# Building blocks shared with MGC (mner/train/heads/mgc.py imports them).
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_heads(heads: int | None, dim: int) -> int:
+    """Number of attention heads for a D-dim layer.
+
+    ``None`` keeps BERT's head size of 64 (12 heads at D=768, the papers' value; 2 at the
+    tiny profile's D=128).
+
+    Raises:
+        ConfigError: if ``heads`` does not divide ``dim``.
+    """
+    if heads is None:
+        heads = max(1, dim // 64)
+        while dim % heads:
+            heads -= 1
+    if heads < 1 or dim % heads:
+        raise ConfigError(f"train.head.heads: {heads} does not divide the hidden size {dim}")
+    return heads
+
+
+class TransformerLayer(nn.Module):
+    """A post-LN transformer layer whose queries attend to a separate memory.
+
+    With ``memory is query`` it is an ordinary (BERT-style) self-attention layer; with
+    another modality as memory it is UMT's cross-modal transformer layer, eqs. 13-16::
+
+        P~ = LN(query + MultiHead(query, memory, memory))
+        P  = LN(P~ + FFN(P~))
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, query: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Args:
+            query: (B, N, D).
+            memory: (B, M, D) keys and values.
+            memory_mask: (B, M) bool, True for real memory items.
+
+        Returns:
+            (B, N, D).
+        """
+        ctx, _ = self.attn(
+            query, memory, memory, key_padding_mask=key_padding_mask(memory_mask), need_weights=False
+        )
+        p = self.norm1(query + self.drop(ctx))  # eq. 15
+        return self.norm2(p + self.drop(self.ffn(p)))  # eq. 16
+
+
+@dataclass
+class InteractionOutput:
+    """What :class:`MultimodalInteraction` returns.
+
+    Attributes:
+        hidden: (B, T, 2D) ``[A; B]``, or (B, T, D) ``A`` without the word-aware branch.
+        gate: (B, T, D) visual gate ``c`` (eq. 17), or None when there is no gate.
+    """
+
+    hidden: torch.Tensor
+    gate: torch.Tensor | None
+
+
+class MultimodalInteraction(nn.Module):
+    """UMT's multimodal interaction module (MGC eqs. 13-18), shared by UMT and MGC.
+
+    Args:
+        dim: D, the text hidden size (the fused representations have this size).
+        visual_dim: Dv, the last dim of the visual input (projected to D).
+        heads: attention heads (see :func:`resolve_heads`).
+        ffn_dim: FFN inner size.
+        dropout: dropout inside the transformer layers.
+        image_aware: build the image-aware word representation ``A`` (else ``A = H``).
+        word_aware: build the word-aware visual representation ``Q`` and ``B``.
+        gate: apply the visual gate to ``Q`` (needs ``word_aware``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        visual_dim: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float,
+        *,
+        image_aware: bool = True,
+        word_aware: bool = True,
+        gate: bool = True,
+    ):
+        super().__init__()
+        self.visual_proj = nn.Linear(visual_dim, dim)
+        # Stands in for the regions of a missing image, so that the zeros the cache
+        # stores for it are never attended to as if they were image content.
+        self.no_image = nn.Parameter(torch.randn(dim) * 0.02)
+        self.img2txt = self.txt2img_word = None
+        if image_aware:
+            self.img2txt = TransformerLayer(dim, heads, ffn_dim, dropout)
+            self.txt2img_word = TransformerLayer(dim, heads, ffn_dim, dropout)
+        self.txt2img_visual = self.gate = None
+        if word_aware:
+            self.txt2img_visual = TransformerLayer(dim, heads, ffn_dim, dropout)
+            if gate:
+                self.gate = nn.Linear(2 * dim, dim)
+        self.out_dim = 2 * dim if word_aware else dim
+
+    def forward(
+        self,
+        text: torch.Tensor,
+        token_mask: torch.Tensor,
+        visual: torch.Tensor,
+        image_mask: torch.Tensor,
+        region_mask: torch.Tensor | None = None,
+    ) -> InteractionOutput:
+        """Fuse text states with visual items.
+
+        Args:
+            text: (B, T, D) text states ``H``.
+            token_mask: (B, T) bool, True for real sub-tokens.
+            visual: (B, R, Dv) visual items ``g`` (R=49 grid cells, or R=1 for a
+                single image vector).
+            image_mask: (B,) bool, True where the image was read.
+            region_mask: (B, R) bool for padded items; None when all R are real.
+
+        Returns:
+            :class:`InteractionOutput`.
+        """
+        B, R = visual.shape[:2]
+        V = self.visual_proj(visual)  # (B, R, D)
+        V = replace_missing(V, image_mask, self.no_image)
+        if region_mask is None:
+            region_mask = torch.ones(B, R, dtype=torch.bool, device=visual.device)
+        # A missing image's items are all the no-image embedding: let words see them.
+        region_mask = region_mask.bool() | ~image_mask.bool().view(B, 1)
+
+        if self.img2txt is not None:
+            P = self.img2txt(V, text, token_mask)  # eqs. 13-16: (B, R, D)
+            A = self.txt2img_word(text, P, region_mask)  # image-aware words: (B, T, D)
+        else:
+            A = text
+        if self.txt2img_visual is None:
+            return InteractionOutput(hidden=A, gate=None)
+        Q = self.txt2img_visual(text, V, region_mask)  # word-aware visual: (B, T, D)
+        if self.gate is not None:
+            c = torch.sigmoid(self.gate(torch.cat([A, Q], dim=-1)))  # eq. 17: (B, T, D)
+            Bv = c * Q  # eq. 18
+        else:
+            c, Bv = None, Q
+        return InteractionOutput(hidden=torch.cat([A, Bv], dim=-1), gate=c)
+
+
+def mean_gate(gate: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) mean of a (B, T, D) gate over real tokens and dims, detached for reports."""
+    return masked_mean(gate.detach().float().mean(-1, keepdim=True), token_mask).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Entity span detection (UMT's auxiliary text-only module).
+# ---------------------------------------------------------------------------------------
+
+#: Untyped span tags of the ESD task.
+SPAN_TAGS = ("O", "B", "I")
+
+
+def span_tag_map(label_names: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """Map typed tag ids to untyped span tag ids (index into :data:`SPAN_TAGS`).
+
+    ``B-X``/``S-X`` -> B, ``I-X``/``E-X`` -> I, anything else (``O``) -> O.
+
+    Returns:
+        (L,) long tensor.
+    """
+    out = []
+    for name in label_names:
+        prefix = name.split("-", 1)[0] if "-" in name else name
+        out.append(1 if prefix in ("B", "S") else 2 if prefix in ("I", "E") else 0)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def compact_labelled(
+    emissions: torch.Tensor, tags: torch.Tensor, labelled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the labelled positions (first sub-tokens) of each row to the left.
+
+    Args:
+        emissions: (B, T, K).
+        tags: (B, T) long.
+        labelled: (B, T) bool.
+
+    Returns:
+        ``(emissions (B, W, K), tags (B, W), mask (B, W))`` with W the largest number
+        of labelled positions in a row; word order is kept.
+    """
+    count = labelled.sum(1)
+    W = max(int(count.max()), 1)
+    # Stable sort puts labelled positions first, in their original order.
+    order = torch.sort((~labelled).to(torch.int8), dim=1, stable=True).indices[:, :W]
+    em = emissions.gather(1, order.unsqueeze(-1).expand(-1, -1, emissions.shape[-1]))
+    tg = tags.gather(1, order)
+    mask = torch.arange(W, device=tags.device).unsqueeze(0) < count.unsqueeze(1)
+    return em, tg.masked_fill(~mask, 0), mask
+
+
+# ---------------------------------------------------------------------------------------
+# The head.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UMTConfig:
+    """UMT hyperparameters and ablation switches.
+
+    Attributes:
+        heads: attention heads; None keeps BERT's head size 64 (12 at D=768).
+        ffn_dim: FFN inner size of every transformer layer; None = 4 * D (BERT's 3072).
+        dropout: dropout in the transformer layers (BERT's 0.1).
+        esd: auxiliary entity span detection branch and loss.
+        esd_weight: weight of the ESD loss (0.5 in the UMT code).
+        esd_decoder: ``crf`` (the paper) or ``softmax`` (token cross-entropy).
+        no_gate: drop the visual gate (eq. 17): ``B = Q``.
+        no_image_aware: drop the image-aware word representation: ``A = H``.
+        no_word_aware: drop the word-aware visual representation ``Q`` (and the gate).
+    """
+
+    heads: int | None = None
+    ffn_dim: int | None = None
+    dropout: float = 0.1
+    esd: bool = True
+    esd_weight: float = 0.5
+    esd_decoder: Literal["crf", "softmax"] = "crf"
+    no_gate: bool = False
+    no_image_aware: bool = False
+    no_word_aware: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.esd_weight < 0:
+            raise ValueError(f"esd_weight must not be negative, got {self.esd_weight}")
+        if self.ffn_dim is not None and self.ffn_dim < 1:
+            raise ValueError(f"ffn_dim must be positive, got {self.ffn_dim}")
+        if self.no_image_aware and self.no_word_aware:
+            raise ValueError(
+                "no_image_aware and no_word_aware together remove every visual module; "
+                "use --model bert_crf for a text-only model"
+            )
+
+
+@register
+class UMTHead(FusionHead):
+    """UMT (Yu et al. 2020): multimodal transformer over the ResNet grid + ESD."""
+
+    name = "umt"
+    summary = "UMT (ACL'20): cross-modal transformer over the ResNet grid, visual gate, span detection"
+    needs = ("resnet/grid",)
+    default_scheme = "bio2"
+    Config = UMTConfig
+
+    def __init__(self, cfg: UMTConfig, text_dim: int, feature_dims: Mapping[str, int]):
+        super().__init__(cfg, text_dim, feature_dims)
+        D = text_dim
+        heads = resolve_heads(cfg.heads, D)
+        ffn = cfg.ffn_dim or 4 * D
+        # UMT's main text branch: one more transformer layer over BERT.
+        self.text_layer = TransformerLayer(D, heads, ffn, cfg.dropout)
+        self.interaction = MultimodalInteraction(
+            D,
+            self.feature_dims["resnet/grid"],
+            heads,
+            ffn,
+            cfg.dropout,
+            image_aware=not cfg.no_image_aware,
+            word_aware=not cfg.no_word_aware,
+            gate=not cfg.no_gate,
+        )
+        self.out_dim = self.interaction.out_dim
+        if cfg.esd:
+            # A separate text-only branch, so span detection cannot lean on the image.
+            self.esd_layer = TransformerLayer(D, heads, ffn, cfg.dropout)
+            self.esd_classifier = nn.Linear(D, len(SPAN_TAGS))
+            if cfg.esd_decoder == "crf":
+                self.esd_crf = CRF(len(SPAN_TAGS), batch_first=True)
+        self._tag_map: tuple[tuple[str, ...], torch.Tensor] | None = None
+
+    def forward(self, batch: HeadInput) -> HeadOutput:
+        """Fuse the encoder states with the ResNet grid.
+
+        Args:
+            batch: ``hidden`` (B, T, D), ``token_mask`` (B, T), ``visual["resnet/grid"]``
+                (B, 49, Dv), ``image_mask`` (B,); ``labels`` and ``label_names`` for the
+                ESD loss (skipped when ``labels`` is None).
+
+        Returns:
+            ``hidden`` (B, T, out_dim); ``aux_losses["esd"]`` when ESD is on and labels
+            are given; ``diagnostics["umt_gate"]`` (B,) when the gate is on.
+        """
+        mask = batch.token_mask.bool()
+        B = mask.shape[0]
+        image_mask = batch.image_mask
+        if image_mask is None:
+            image_mask = torch.ones(B, dtype=torch.bool, device=mask.device)
+        H = self.text_layer(batch.hidden, batch.hidden, mask)  # (B, T, D)
+        fused = self.interaction(H, mask, batch.visual["resnet/grid"], image_mask)
+        out = HeadOutput(hidden=fused.hidden)
+        if fused.gate is not None:
+            out.diagnostics["umt_gate"] = mean_gate(fused.gate, mask)
+        if self.cfg.esd and batch.labels is not None:
+            out.aux_losses["esd"] = self.cfg.esd_weight * self._esd_loss(batch, mask)
+        return out
+
+    def _esd_loss(self, batch: HeadInput, mask: torch.Tensor) -> torch.Tensor:
+        """Untyped B/I/O span detection loss on the text-only branch (mean over rows)."""
+        T_esd = self.esd_layer(batch.hidden, batch.hidden, mask)  # (B, T, D)
+        # float32: the CRF's log-sum-exp is sensitive to half precision under autocast.
+        logits = self.esd_classifier(T_esd).float()  # (B, T, 3)
+        labels = batch.labels
+        labelled = labels >= 0
+        span = self._span_map(batch.label_names, labels.device)[labels.clamp(min=0)]  # (B, T)
+        if self.cfg.esd_decoder == "softmax":
+            return F.cross_entropy(logits[labelled], span[labelled]) if labelled.any() else logits.sum() * 0.0
+        rows = labelled.any(1)  # the CRF needs at least one position per row
+        if not rows.any():
+            return logits.sum() * 0.0
+        em, tags, m = compact_labelled(logits[rows], span[rows], labelled[rows])
+        return -self.esd_crf(em, tags, mask=m, reduction="mean")
+
+    def _span_map(self, label_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        names = tuple(label_names)
+        if not names:
+            raise ValueError("UMT's ESD loss needs HeadInput.label_names with labels")
+        if self._tag_map is None or self._tag_map[0] != names or self._tag_map[1].device != device:
+            self._tag_map = (names, span_tag_map(names).to(device))
+        return self._tag_map[1]

@@ -1,0 +1,266 @@
+"""The UMT head (mner/train/heads/umt.py) on synthetic, seeded tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mner.errors import ConfigError
+from mner.pipeline.config import build
+from mner.train.heads import HeadInput, get_head
+from mner.train.heads.umt import (
+    SPAN_TAGS,
+    UMTConfig,
+    UMTHead,
+    compact_labelled,
+    resolve_heads,
+    span_tag_map,
+)
+
+D, DV, R = 32, 16, 49
+NAMES = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is fastest, and avoids oversubscribing shared CPUs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_head(seed: int = 0, **cfg) -> UMTHead:
+    torch.manual_seed(seed)
+    return UMTHead(UMTConfig(**cfg), D, {"resnet/grid": DV})
+
+
+def make_batch(seed: int = 0, B: int = 4, T: int = 7) -> HeadInput:
+    """Rows of lengths T, T-2, T, T-1; row 2's image is missing (zeros, as in the cache)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [T, T - 2, T, T - 1][:B]
+    hidden = torch.randn(B, T, D, generator=g)
+    token_mask = torch.zeros(B, T, dtype=torch.bool)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        token_mask[b, :n] = True
+        # [CLS] w1 w2 w3 ... [SEP]; every word a single sub-token except w2 (2 pieces).
+        tags = torch.randint(0, len(NAMES), (n,), generator=g)
+        labels[b, 1 : n - 1] = tags[1 : n - 1]
+        labels[b, 3] = -100  # continuation sub-token
+    grid = torch.rand(B, R, DV, generator=g)
+    image_mask = torch.tensor([True, True, False, True][:B])
+    grid[~image_mask] = 0.0
+    return HeadInput(
+        hidden=hidden,
+        token_mask=token_mask,
+        visual={"resnet/grid": grid},
+        image_mask=image_mask,
+        labels=labels,
+        label_names=NAMES,
+    )
+
+
+def pad_tokens(batch: HeadInput, extra: int) -> HeadInput:
+    """The same batch with ``extra`` more padding positions holding garbage states."""
+    B, T, _ = batch.hidden.shape
+    hidden = torch.cat([batch.hidden, torch.full((B, extra, D), 50.0)], dim=1)
+    token_mask = torch.cat([batch.token_mask, torch.zeros(B, extra, dtype=torch.bool)], dim=1)
+    labels = torch.cat([batch.labels, torch.full((B, extra), -100)], dim=1)
+    return HeadInput(
+        hidden=hidden,
+        token_mask=token_mask,
+        visual=dict(batch.visual),
+        image_mask=batch.image_mask,
+        labels=labels,
+        label_names=batch.label_names,
+    )
+
+
+def test_registered_with_shapes_and_gate_diagnostic():
+    assert get_head("umt") is UMTHead
+    assert UMTHead.needs == ("resnet/grid",) and not UMTHead.needs_text_teacher
+    head = make_head().eval()
+    out = head(make_batch())
+    assert head.out_dim == 2 * D
+    assert out.hidden.shape == (4, 7, 2 * D)
+    assert set(out.aux_losses) == {"esd"}
+    gate = out.diagnostics["umt_gate"]
+    assert gate.shape == (4,) and ((gate > 0) & (gate < 1)).all()
+
+
+def test_padding_tokens_do_not_change_real_outputs():
+    head = make_head().eval()
+    short = make_batch(T=7)
+    long = pad_tokens(short, 4)
+    with torch.no_grad():
+        a, b = head(short), head(long)
+    m = short.token_mask
+    assert torch.allclose(a.hidden[m], b.hidden[:, :7][m], atol=1e-5)
+    assert torch.allclose(a.diagnostics["umt_gate"], b.diagnostics["umt_gate"], atol=1e-6)
+    assert torch.allclose(a.aux_losses["esd"], b.aux_losses["esd"], atol=1e-5)
+
+
+def test_missing_image_rows_ignore_the_visual_row_and_use_the_learned_embedding():
+    head = make_head().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        ref = head(batch).hidden
+        batch.visual["resnet/grid"][2] = torch.randn(R, DV) * 100  # garbage, row 2 missing
+        again = head(batch).hidden
+        assert torch.equal(ref, again)
+        # The same row with its image marked present does see the image.
+        batch.image_mask = torch.ones(4, dtype=torch.bool)
+        seen = head(batch).hidden
+    assert not torch.allclose(seen[2], ref[2], atol=1e-3)
+    assert torch.allclose(seen[[0, 1, 3]], ref[[0, 1, 3]], atol=1e-6)  # rows are independent
+
+
+def test_gradients_reach_text_visual_and_esd_parameters():
+    head = make_head().train()
+    batch = make_batch()
+    batch.hidden.requires_grad_(True)
+    out = head(batch)
+    (out.hidden.pow(2).mean() + out.aux_losses["esd"]).backward()
+    assert batch.hidden.grad.abs().sum() > 0
+    params = dict(head.named_parameters())
+    for name in (
+        "text_layer.attn.in_proj_weight",
+        "interaction.visual_proj.weight",
+        "interaction.no_image",
+        "interaction.img2txt.attn.in_proj_weight",
+        "interaction.txt2img_visual.ffn.0.weight",
+        "interaction.gate.weight",
+        "esd_classifier.weight",
+        "esd_crf.transitions",
+    ):
+        assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("decoder", ["crf", "softmax"])
+def test_esd_loss_is_finite_and_falls_when_overfitting(decoder):
+    head = make_head(esd_decoder=decoder).train()
+    batch = make_batch()
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = head(batch).aux_losses["esd"]
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+def test_esd_weight_scales_the_loss_and_no_labels_means_no_loss():
+    batch = make_batch()
+    half = make_head(seed=3).eval()(batch).aux_losses["esd"]
+    full = make_head(seed=3, esd_weight=1.0).eval()(batch).aux_losses["esd"]
+    assert full.item() == pytest.approx(2 * half.item(), rel=1e-5)
+    batch.labels = None
+    assert make_head().eval()(batch).aux_losses == {}
+
+
+def test_span_tags_map_bio2_and_bioes():
+    names = ("O", "B-PER", "I-PER", "E-PER", "S-LOC", "B-MISC", "I-MISC")
+    got = [SPAN_TAGS[i] for i in span_tag_map(names).tolist()]
+    assert got == ["O", "B", "I", "I", "B", "B", "I"]
+
+
+def test_compact_labelled_keeps_word_order():
+    em = torch.arange(2 * 5 * 1, dtype=torch.float32).view(2, 5, 1)
+    tags = torch.tensor([[0, 1, 2, 1, 0], [2, 2, 1, 0, 1]])
+    labelled = torch.tensor([[False, True, False, True, True], [False, False, True, False, False]])
+    e, t, m = compact_labelled(em, tags, labelled)
+    assert e[0].squeeze(-1).tolist() == [1.0, 3.0, 4.0]
+    assert e[1, 0, 0].item() == 7.0  # row 1's only labelled position; the rest is masked
+    assert t.tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert m.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_esd_crf_loss_equals_torchcrf_on_word_positions():
+    head = make_head(esd_weight=1.0).eval()
+    batch = make_batch()
+    got = head(batch).aux_losses["esd"]
+    with torch.no_grad():
+        logits = head.esd_classifier(head.esd_layer(batch.hidden, batch.hidden, batch.token_mask))
+        span = span_tag_map(NAMES)
+        ems, tags = [], []
+        for b in range(4):
+            pos = (batch.labels[b] >= 0).nonzero().squeeze(-1)
+            ems.append(logits[b, pos])
+            tags.append(span[batch.labels[b, pos]])
+        total = sum(
+            -head.esd_crf(e[None], t[None], mask=torch.ones(1, len(t), dtype=torch.bool), reduction="sum")
+            for e, t in zip(ems, tags, strict=True)
+        )
+    assert got.item() == pytest.approx(total.item() / 4, rel=1e-5)
+
+
+def _param_names(head) -> set[str]:
+    return {n for n, _ in head.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("switch", "removed_prefixes", "aux", "out_dim"),
+    [
+        ({"esd": False}, ("esd_layer.", "esd_classifier.", "esd_crf."), set(), 2 * D),
+        ({"no_gate": True}, ("interaction.gate.",), {"esd"}, 2 * D),
+        (
+            {"no_image_aware": True},
+            ("interaction.img2txt.", "interaction.txt2img_word."),
+            {"esd"},
+            2 * D,
+        ),
+        (
+            {"no_word_aware": True},
+            ("interaction.txt2img_visual.", "interaction.gate."),
+            {"esd"},
+            D,
+        ),
+    ],
+)
+def test_each_switch_removes_exactly_its_component(switch, removed_prefixes, aux, out_dim):
+    full = _param_names(make_head())
+    head = make_head(**switch)
+    removed = full - _param_names(head)
+    assert _param_names(head) <= full
+    assert removed and all(n.startswith(removed_prefixes) for n in removed)
+    assert all(any(n.startswith(p) for n in removed) for p in removed_prefixes)
+    out = head.eval()(make_batch())
+    assert set(out.aux_losses) == aux
+    assert head.out_dim == out_dim and out.hidden.shape[-1] == out_dim
+    assert ("umt_gate" in out.diagnostics) == ("interaction.gate.weight" in _param_names(head))
+
+
+def test_esd_crf_only_with_the_crf_decoder():
+    names = _param_names(make_head(esd_decoder="softmax"))
+    assert "esd_classifier.weight" in names and not any(n.startswith("esd_crf.") for n in names)
+
+
+def test_config_is_strict_and_validated():
+    cfg = build(UMTConfig, {"esd": False, "esd_weight": 1}, where="train.head")
+    assert cfg.esd is False and cfg.esd_weight == 1.0
+    with pytest.raises(ConfigError, match="unknown key"):
+        build(UMTConfig, {"no_esd": True}, where="train.head")
+    with pytest.raises(ConfigError, match="bert_crf"):
+        build(UMTConfig, {"no_image_aware": True, "no_word_aware": True}, where="train.head")
+    with pytest.raises(ConfigError, match="does not divide"):
+        UMTHead(UMTConfig(heads=5), D, {"resnet/grid": DV})
+
+
+def test_default_heads_follow_bert_head_size():
+    assert make_head().text_layer.attn.num_heads == 1  # D=32 < 64
+    assert make_head(heads=4).text_layer.attn.num_heads == 4
+    assert resolve_heads(None, 768) == 12  # the paper's value for BERT-base
+    assert resolve_heads(None, 128) == 2  # the tiny profile
+
+
+def test_switches_are_set_from_the_command_line():
+    from mner.train.config import make_train_config
+
+    cfg = make_train_config({}, ["head.esd=false", "no_gate=true"], model="umt", profile="tiny")
+    head_cfg = cfg.head_config()
+    assert isinstance(head_cfg, UMTConfig) and head_cfg.esd is False and head_cfg.no_gate is True
+    assert cfg.head["esd_weight"] == 0.5  # defaults recorded in config.yaml
