@@ -1,0 +1,208 @@
+"""Training speed: what caching the visual features saves, and what a fusion head costs.
+
+Measures, in one run, the seconds per training epoch of
+
+  (a) ``bert_crf`` (text only),
+  (b) ``umt`` reading ResNet grids from the feature cache (``mner train``'s way),
+  (c) ``umt`` computing ResNet-152 grids per batch from the image files, the way the UMT
+      repository trains: decode + resize/crop/normalise + a ResNet-152 forward pass
+      inside the training loop (the CNN frozen, as in UMT),
+
+all with the tiny encoder, and prints c/b (what the cache saves; target >= 3) and b/a
+(the head's own cost; target <= 1.15). It also times (a) and (b) with a BERT-base-sized
+encoder (random weights, ``BertConfig()`` defaults) so GPU runs can be compared later.
+
+Usage::
+
+    python benchmarks/train.py [--data DIR --features CACHE.h5] [--device cpu|cuda]
+        [--max-batches N] [--base-batches N] [--threads N]
+
+Without ``--data`` the sample dataset is generated (300/80/80 tweets) and its
+ResNet features extracted with the tiny profile into a temporary folder. Epoch times
+are extrapolated from the first ``--max-batches`` batches when given (the ratios do not
+depend on it); ``--base-batches`` does the same for the BERT-base rows (default 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import torch  # noqa: E402
+
+
+def _setup_data(args) -> tuple[Path, Path]:
+    if args.data is not None:
+        return Path(args.data), Path(args.features)
+    from mner.data.sample import SampleConfig, generate
+    from mner.extract.config import ExtractConfig
+    from mner.extract.runner import run_extract
+
+    tmp = Path(tempfile.mkdtemp(prefix="mner-bench-train-"))
+    generate(SampleConfig(seed=13, n_train=300, n_valid=80, n_test=80), tmp / "sample")
+    cache = tmp / "sample.h5"
+    run_extract(
+        ExtractConfig(profile="tiny", device="cpu", features=("resnet",)),
+        images=tmp / "sample" / "images",
+        data=None,
+        out=cache,
+        progress=False,
+    )
+    return tmp / "sample", cache
+
+
+class ResNetPerBatch:
+    """UMT-repository style: decode, preprocess and run ResNet-152 for every batch.
+
+    ``__call__`` is a ``batch_hook`` for ``train_epoch``: it fills
+    ``batch.visual["resnet/grid"]`` (B, 49, 2048) and ``batch.image_mask`` from the
+    image files of the batch's tweets.
+    """
+
+    def __init__(self, dataset, images_dir: Path, device: torch.device):
+        import torchvision
+        from torchvision import transforms as T
+
+        self.dataset, self.images_dir, self.device = dataset, images_dir, device
+        net = torchvision.models.resnet152(weights=None).eval().to(device)
+        self.trunk = torch.nn.Sequential(*list(net.children())[:-2])  # up to layer4
+        self.tf = T.Compose([
+            T.Resize(224), T.CenterCrop(224), T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])
+
+    def __call__(self, batch):
+        from PIL import Image
+
+        from mner.data.images import find_image
+
+        xs, ok = [], []
+        for wi in batch.windows:
+            iid = self.dataset.image_ids[self.dataset.windows[wi].item]
+            path = find_image(self.images_dir, iid)
+            try:
+                with Image.open(path) as im:
+                    xs.append(self.tf(im.convert("RGB")))
+                ok.append(True)
+            except Exception:  # missing or broken files, like the cache's status
+                xs.append(torch.zeros(3, 224, 224))
+                ok.append(False)
+        with torch.no_grad():
+            fmap = self.trunk(torch.stack(xs).to(self.device))  # (B, 2048, 7, 7)
+        batch.visual = {"resnet/grid": fmap.flatten(2).transpose(1, 2).cpu()}  # (B, 49, 2048)
+        batch.image_mask = torch.tensor(ok)
+        return batch
+
+
+def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, hook_images=None,
+                  dims=None):
+    """Wall and process-CPU seconds of one training epoch (extrapolated from ``max_batches``).
+
+    CPU seconds are reported too because on a shared machine wall time mostly measures
+    the other jobs; process CPU time (all threads) is far less sensitive to them.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    from mner.train.config import make_train_config
+    from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
+    from mner.train.trainer import build_model, make_optimizer, train_epoch
+
+    cfg = make_train_config({"model": model_name, "profile": "tiny"})
+    needs = tuple(cfg.head_class().required_features(cfg.head_config()))
+    tagset = TagSet("bio2")
+    ids = [t.image_id for t in tweets]
+    visual = VisualStore(cache, needs, ids) if (needs and hook_images is None) else None
+    ds = NerDataset([t.tokens for t in tweets], ids, tok, cfg.max_length, tagset,
+                    [t.labels for t in tweets], visual)
+    feature_dims = dims if dims is not None else {n: cache.dims(n) for n in needs}
+    model = build_model(cfg, 1, enc, tagset, feature_dims).to(device)
+    opt = make_optimizer(model, cfg)
+    batches = bucket_batches(ds.lengths(), cfg.batch_size, cfg.bucket_size,
+                             torch.Generator().manual_seed(0))
+    full = len(batches)
+    sched = get_linear_schedule_with_warmup(opt, 0, full * 2)
+    hook = ResNetPerBatch(ds, hook_images, device) if hook_images is not None else None
+    # One untimed batch: first-call allocations and lazy inits are not epoch cost.
+    train_epoch(model, ds, batches[:1], opt, sched, None, device, None, cfg.grad_clip,
+                desc="warmup", batch_hook=hook)
+    timed = batches[:max_batches] if max_batches else batches
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    train_epoch(model, ds, timed, opt, sched, None, device, None, cfg.grad_clip,
+                desc=model_name, batch_hook=hook)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    scale = full / len(timed)
+    return (time.perf_counter() - t0) * scale, (time.process_time() - c0) * scale
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", help="dataset folder (default: generate the sample)")
+    ap.add_argument("--features", help="its tiny/paper cache with resnet/grid")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-batches", type=int, default=0)
+    ap.add_argument("--base-batches", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    from transformers import BertConfig, BertModel
+
+    from mner.cache.reader import FeatureCache
+    from mner.data.dataset import load_splits
+    from mner.train import encoder as encoders
+
+    data, features = _setup_data(args)
+    tweets = load_splits(data)["train"]
+    cache = FeatureCache(features)
+    words = [t.tokens for t in tweets]
+
+    def tiny():
+        return encoders.build_tiny(words, seed=1)
+
+    res = {}
+    enc, tok = tiny()
+    res["a"] = epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.max_batches)
+    enc, tok = tiny()
+    res["b"] = epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches)
+    enc, tok = tiny()
+    res["c"] = epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches,
+                             hook_images=data / "images", dims={"resnet/grid": 2048})
+    _, tok = tiny()
+    base_cfg = BertConfig(vocab_size=max(len(tok), 30522))
+    for key, name in (("base_a", "bert_crf"), ("base_b", "umt")):
+        torch.manual_seed(0)
+        enc = BertModel(base_cfg, add_pooling_layer=False)
+        res[key] = epoch_seconds(name, enc, tok, tweets, cache, device, args.base_batches)
+
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
+          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
+    print(f"train tweets: {len(tweets)}; cache: {features}")
+    rows = [
+        ("a", "(a) bert_crf, tiny encoder"),
+        ("b", "(b) umt, cached features, tiny encoder"),
+        ("c", "(c) umt, ResNet-152 per batch from images, tiny"),
+        ("base_a", "bert_crf, BERT-base-sized encoder"),
+        ("base_b", "umt, cached features, BERT-base-sized encoder"),
+    ]
+    print(f"seconds per training epoch:{'':24}{'wall':>9}{'cpu':>9}")
+    for key, label in rows:
+        print(f"  {label:48}{res[key][0]:9.2f}{res[key][1]:9.2f}")
+    for i, kind in enumerate(("wall", "cpu")):
+        print(f"{kind}: ratio c/b = {res['c'][i] / res['b'][i]:.2f} (target >= 3), "
+              f"b/a = {res['b'][i] / res['a'][i]:.2f} (target <= 1.15), "
+              f"b/a BERT-base-sized = {res['base_b'][i] / res['base_a'][i]:.2f}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Stage two's commands: ``mner train``, ``evaluate``, ``predict`` and ``models``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mner.errors import ConfigError
+
+ParamsOpt = Annotated[
+    Path | None, typer.Option("--params", help="params.yaml; its `train` section is read")
+]
+OverrideOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "-o",
+        "--override",
+        help="key=value overriding a train option (epochs=3) or a head option "
+        "(head.no_cm=true, or no_cm=true when unambiguous)",
+    ),
+]
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected integers separated by commas, e.g. 1,2,3") from None
+
+
+def train(
+    data: Annotated[list[str], typer.Option("--data", help="dataset folder, or CoNLL files (repeat)")],
+    out: Annotated[Path, typer.Option("--out", help="run folder to write, e.g. runs/umt")],
+    features: Annotated[Path | None, typer.Option("--features", help="feature cache (.h5) from `mner extract`")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="head name (see `mner models`)")] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="paper or tiny")] = None,
+    encoder: Annotated[str | None, typer.Option("--encoder", help="HF name or local folder of the encoder")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="comma-separated seeds, one run each")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
+    params: ParamsOpt = None,
+    override: OverrideOpt = None,
+) -> None:
+    """Fine-tune encoder + fusion head + CRF on cached features; writes RUN/metrics.json."""
+    from mner.pipeline.config import load_section
+    from mner.train.config import make_train_config
+    from mner.train.trainer import train_run
+
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    cfg = make_train_config(
+        load_section(params, "train"),
+        override,
+        where=f"{params}:train" if params else "train",
+        model=model,
+        profile=profile,
+        encoder=encoder,
+        seeds=_seeds(seeds),
+    )
+    src = data[0] if len(data) == 1 else data
+    result = train_run(cfg, src, features, out, resume=resume)
+    s = result["summary"]
+    line = f"{cfg.model}: dev F1 {s['dev']['overall']['f1']['mean']:.2f}"
+    if s["test"] is not None:
+        line += f", test F1 {s['test']['overall']['f1']['mean']:.2f}"
+        if s["test"]["image_dependent"] is not None:
+            line += f" (image-dependent {s['test']['image_dependent']['f1']['mean']:.2f})"
+    typer.echo(f"{line}; wrote {out}/metrics.json")
+
+
+def evaluate(
+    run: Annotated[Path, typer.Option("--run", help="run folder written by `mner train`")],
+    data: Annotated[Path, typer.Option("--data", help="CoNLL file to score, e.g. DIR/test.txt")],
+    features: Annotated[Path | None, typer.Option("--features", help="cache to read (default: the run's)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="which seed (default: best on dev)")] = None,
+    pred: Annotated[Path | None, typer.Option("--pred", help="also write the predictions (BIO2 CoNLL)")] = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print the scores as JSON")] = False,
+) -> None:
+    """Score a trained run on a CoNLL file (overall, per type, image-dependent subset)."""
+    from mner.train.evaluation import evaluate_run
+
+    r = evaluate_run(run, data, seed=seed, features=features, device=device, pred_out=pred)
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    rows = [("overall", r["overall"])] + sorted(r["per_type"].items())
+    if r["image_dependent"] is not None:
+        rows.append(("image-dependent", r["image_dependent"]))
+    typer.echo(f"{'':16} {'P':>6} {'R':>6} {'F1':>6} {'gold':>5} {'pred':>5}")
+    for name, p in rows:
+        typer.echo(
+            f"{name:16} {p['precision']:6.2f} {p['recall']:6.2f} {p['f1']:6.2f} "
+            f"{p['n_gold']:5d} {p['n_pred']:5d}"
+        )
+
+
+def predict(
+    run: Annotated[Path, typer.Option("--run", help="run folder written by `mner train`")],
+    text: Annotated[str | None, typer.Option("--text", help="one tweet as raw text")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="its image (optional)")] = None,
+    input_file: Annotated[Path | None, typer.Option("--input", help="batch input: .conll/.txt or .jsonl")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="images folder for --input (by image id)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="which seed (default: best on dev)")] = None,
+    device: Annotated[str, typer.Option("--device")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+) -> None:
+    """Print the entities (type, word span, characters) of new tweets."""
+    from mner.train.predict import Predictor, read_inputs
+
+    if (text is None) == (input_file is None):
+        raise ConfigError("predict: pass either --text \"...\" [--image PATH] or --input FILE")
+    if text is not None:
+        texts, paths, ids = [text], [image], ["text"]
+    else:
+        if images is None and (input_file.parent / "images").is_dir():
+            images = input_file.parent / "images"
+        texts, paths, ids = read_inputs(input_file, images)
+    results = Predictor(run, seed=seed, device=device).predict(texts, paths)
+    for tid, t, ents in zip(ids, texts, results, strict=False):
+        if as_json:
+            typer.echo(json.dumps({"id": tid, "entities": ents}, ensure_ascii=False))
+            continue
+        if text is None:
+            typer.echo(f"{tid}: {' '.join(t) if not isinstance(t, str) else t}")
+        for e in ents:
+            where = f"words {e['start']}-{e['end']}"
+            if "char_start" in e:
+                where += f", chars {e['char_start']}-{e['char_end']}"
+            typer.echo(f"  {e['type']:4} {e['text']!r} ({where})")
+        if not ents:
+            typer.echo("  (no entities)")
+
+
+def models() -> None:
+    """List the registered heads, one line each, with the cached features they read."""
+    from mner.train.heads.base import HEADS, get_head
+
+    get_head("bert_crf")  # imports the heads package, which registers them all
+    for name in sorted(HEADS):
+        cls = HEADS[name]
+        needs = list(cls.needs) + (["clip_text"] if cls.needs_text_teacher else [])
+        typer.echo(f"{name:12} {cls.summary}  [features: {', '.join(needs) or 'none'}]")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the stage-two commands to the ``mner`` app."""
+    app.command("train")(train)
+    app.command("evaluate")(evaluate)
+    app.command("predict")(predict)
+    app.command("models")(models)

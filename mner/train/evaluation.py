@@ -1,0 +1,290 @@
+"""Decoding a split with a trained tagger, scoring it, and re-loading a run folder.
+
+Evaluation mimics prediction: the model sees no gold labels, entity spans or text
+teacher (those feed training losses only), so dev/test scores are what ``mner predict``
+would produce. Every gold word is scored: words a window did not cover (none with the
+current windowing, but the contract holds) are predicted ``O``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_model
+
+from mner.errors import ConfigError, DataError
+from mner.train import encoder as encoders
+from mner.train.config import TrainConfig
+from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
+from mner.train.model import Tagger
+
+IMAGE_STATUSES = ("ok", "missing", "unreadable")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on CUDA with ``dtype``; a no-op context otherwise."""
+    if device.type != "cuda" or dtype is None:
+        return nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_words(
+    model: Tagger,
+    dataset: NerDataset,
+    device: torch.device,
+    batch_size: int,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[list[list[int]], dict[str, np.ndarray]]:
+    """Viterbi tags for every word of every sentence in ``dataset``.
+
+    Args:
+        model: the tagger (switched to eval mode here).
+        dataset: windows of the sentences.
+        device: where to run.
+        batch_size: windows per batch.
+        amp_dtype: autocast dtype on CUDA, or None.
+
+    Returns:
+        ``(tags, diagnostics)``: tag ids per word for each sentence (``O`` = 0 where a
+        word was not covered), and each head diagnostic as an (N,) array per sentence
+        (the value of the sentence's first window; NaN when the head gave none).
+    """
+    model.eval()
+    tags = [[0] * len(s) for s in dataset.sentences]
+    diags: dict[str, np.ndarray] = {}
+    for idx in bucket_batches(dataset.lengths(), batch_size, 1, None):
+        batch = dataset.collate(idx)
+        # Inference mode: no gold information reaches the head.
+        batch.sub_labels = batch.word_tags = None
+        batch.entity_spans = batch.entity_mask = None
+        batch.text_teacher = {}
+        with autocast(device, amp_dtype):
+            paths, d = model.decode(batch.to(device))
+        for b, (wi, path) in enumerate(zip(idx, paths, strict=False)):
+            win = dataset.windows[wi]
+            row = tags[win.item]
+            for j, t in enumerate(path[: win.n_words]):
+                row[win.word_start + j] = t
+            if win.word_start == 0:
+                for name, values in d.items():
+                    arr = diags.setdefault(name, np.full(len(dataset.sentences), np.nan))
+                    arr[win.item] = float(values[b])
+    return tags, diags
+
+
+def prf_dict(prf) -> dict:
+    """A scoring ``PRF`` as a plain dict."""
+    return dataclasses.asdict(prf) if dataclasses.is_dataclass(prf) else dict(prf)
+
+
+def score_split(
+    gold: Sequence[Sequence[str]],
+    pred: Sequence[Sequence[str]],
+    marked: Sequence[list[tuple[int, int, str]]] | None = None,
+) -> dict:
+    """The R record of ARCHITECTURE.md: overall, per type, and image-dependent P/R/F1.
+
+    Args:
+        gold: BIO2 gold labels per sentence.
+        pred: BIO2 predicted labels per sentence.
+        marked: the image-dependent gold entities per sentence, or None when the
+            dataset has no ``image_dependent.tsv``.
+    """
+    from mner.scoring import score, score_marked
+
+    s = score(gold, pred)
+    return {
+        "overall": prf_dict(s.overall),
+        "per_type": {k: prf_dict(v) for k, v in s.per_type.items()},
+        "image_dependent": prf_dict(score_marked(marked, pred)) if marked is not None else None,
+    }
+
+
+def marked_for(data_dir: Path | None, split: str, tweets) -> list | None:
+    """Image-dependent marks of ``tweets`` (by their index in the split file), or None."""
+    from mner.data.dataset import read_image_dependent
+
+    if data_dir is None or not (Path(data_dir) / "image_dependent.tsv").is_file():
+        return None
+    marks = read_image_dependent(data_dir)
+    return [marks.get((split, t.index), []) for t in tweets]
+
+
+def group_diagnostics(diags: dict[str, np.ndarray], statuses: Sequence[str]) -> dict:
+    """``{name: {"ok": [...], "missing": [...], "unreadable": [...]}}`` (NaNs dropped).
+
+    Args:
+        diags: per-sentence values of each head diagnostic, (N,) arrays.
+        statuses: the cache status of each sentence's image.
+    """
+    out = {}
+    for name, values in diags.items():
+        groups = {s: [] for s in IMAGE_STATUSES}
+        for v, s in zip(values, statuses, strict=False):
+            if not np.isnan(v):
+                # The cache records why an image failed (empty, truncated, ...); the
+                # report groups all of those as unreadable.
+                key = s if s in ("ok", "missing") else "unreadable"
+                groups[key].append(float(v))
+        out[name] = groups
+    return out
+
+
+# -- run folders ----------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun:
+    """A trained seed of a run folder, ready to decode."""
+
+    run: Path
+    seed_dir: Path
+    cfg: TrainConfig
+    model: Tagger
+    tokenizer: object
+    tagset: TagSet
+    provenance: dict
+    device: torch.device
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return tuple(self.cfg.head_class().required_features(self.cfg.head_config()))
+
+    @property
+    def cache_path(self) -> Path | None:
+        p = (self.provenance.get("cache") or {}).get("path")
+        return Path(p) if p else None
+
+
+def pick_seed_dir(run: Path, seed: int | None = None) -> Path:
+    """``RUN/seed_<seed>``; by default the seed with the best dev F1 in RUN/metrics.json."""
+    run = Path(run)
+    if seed is not None:
+        d = run / f"seed_{seed}"
+        if not (d / "model.safetensors").exists():
+            raise ConfigError(f"{d}: no trained model for seed {seed}; see {run}/metrics.json")
+        return d
+    metrics = run / "metrics.json"
+    if metrics.exists():
+        runs = json.loads(metrics.read_text(encoding="utf-8")).get("runs", [])
+        if runs:
+            best = max(runs, key=lambda r: r["dev"]["overall"]["f1"])
+            return run / f"seed_{best['seed']}"
+    dirs = sorted(d for d in run.glob("seed_*") if (d / "model.safetensors").exists())
+    if not dirs:
+        raise ConfigError(f"{run}: not a trained run folder (no seed_*/model.safetensors); run `mner train` first")
+    return dirs[0]
+
+
+def load_run(run: Path, seed: int | None = None, device: str = "auto") -> LoadedRun:
+    """Rebuild a trained tagger from a run folder.
+
+    Args:
+        run: the folder ``mner train --out`` wrote.
+        seed: which seed's model; default the best on dev.
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+    """
+    from mner.pipeline.config import build
+
+    run = Path(run)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.exists():
+        raise ConfigError(f"{run}: no config.yaml; is this a run folder written by `mner train`?")
+    cfg = build(TrainConfig, yaml.safe_load(cfg_path.read_text(encoding="utf-8")), where=str(cfg_path))
+    seed_dir = pick_seed_dir(run, seed)
+    prov_path = run / "provenance.json"
+    provenance = json.loads(prov_path.read_text(encoding="utf-8")) if prov_path.exists() else {}
+    tagset = TagSet.load(seed_dir / "labels.json")
+    enc, tokenizer = encoders.load_saved(seed_dir / "encoder")
+    head_cls = cfg.head_class()
+    dims = provenance.get("feature_dims", {})
+    head = head_cls(cfg.head_config(), enc.config.hidden_size, dims)
+    model = Tagger(enc, head, tagset.names, cfg.dropout)
+    missing, unexpected = load_model(model, str(seed_dir / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{seed_dir}/model.safetensors does not fit head {cfg.model!r} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); was the run "
+            "written by another mner version?"
+        )
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    return LoadedRun(run, seed_dir, cfg, model, tokenizer, tagset, provenance, dev)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r}: use auto, cpu or cuda[:i]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available here; use -o device=cpu")
+    return dev
+
+
+def evaluate_run(
+    run: Path,
+    data_file: Path,
+    *,
+    seed: int | None = None,
+    features: Path | None = None,
+    device: str = "auto",
+    pred_out: Path | None = None,
+) -> dict:
+    """Score a trained run on a CoNLL file.
+
+    Args:
+        run: the run folder.
+        data_file: a CoNLL file (any split); ``image_dependent.tsv`` next to it, if any,
+            gives the image-dependent score (the split is named by the file's stem).
+        seed: which seed's model; default the best on dev.
+        features: the feature cache to read (default: the one the run was trained on).
+        device: where to run.
+        pred_out: optionally write the predictions there as BIO2 CoNLL.
+
+    Returns:
+        The R record: ``{"overall", "per_type", "image_dependent"}``.
+    """
+    from mner.cache.reader import FeatureCache
+    from mner.data.conll import read_conll, write_conll
+    from mner.data.dataset import split_name
+
+    data_file = Path(data_file)
+    if not data_file.is_file():
+        raise DataError(f"{data_file}: no such file; pass a CoNLL file such as DIR/test.txt")
+    lr = load_run(run, seed, device)
+    tweets = read_conll(data_file)
+    cache = None
+    if lr.needs:
+        path = Path(features) if features else lr.cache_path
+        if path is None:
+            raise ConfigError(f"{run}: model {lr.cfg.model!r} needs features; pass --features CACHE.h5")
+        cache = FeatureCache(path)
+        cache.require(lr.needs, expect={"profile": lr.cfg.profile})
+    ds = NerDataset(
+        [t.tokens for t in tweets],
+        [t.image_id for t in tweets],
+        lr.tokenizer,
+        lr.cfg.max_length,
+        lr.tagset,
+        [t.labels for t in tweets],
+        VisualStore(cache, lr.needs, [t.image_id for t in tweets]) if cache is not None else None,
+    )
+    tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size)
+    pred = [lr.tagset.decode(t) for t in tags]
+    if pred_out is not None:
+        write_conll(pred_out, tweets, pred, scheme="bio2")
+    marked = marked_for(data_file.parent, split_name(data_file), tweets)
+    return score_split([list(t.labels) for t in tweets], pred, marked)

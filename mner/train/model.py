@@ -1,0 +1,129 @@
+"""The tagger: encoder + fusion head + dropout + emission layer + CRF.
+
+The CRF runs over words, not sub-tokens: the head's states at each word's first
+sub-token are gathered into (B, W, H) before the emission layer. Tags are defined per
+word (continuation sub-tokens carry none), so a sub-token CRF would have to learn
+transitions across unlabeled positions and its decoding could disagree within a word;
+at word level each transition is between two consecutive labeled words, exactly the
+BIO/BIOES constraint the CRF is there to learn, and Viterbi gives one tag per word.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchcrf import CRF
+
+from mner.train.data import Batch
+from mner.train.heads.base import FusionHead, HeadInput, HeadOutput
+
+
+class Tagger(nn.Module):
+    """Encoder + head + emissions + CRF.
+
+    Args:
+        encoder: a ``transformers`` encoder returning ``last_hidden_state`` (B, T, Dt).
+        head: a :class:`FusionHead` built for ``encoder.config.hidden_size``.
+        tag_names: the CRF's tag vocabulary (``TagSet.names``).
+        dropout: dropout on the head's output before the emission layer.
+    """
+
+    def __init__(self, encoder: nn.Module, head: FusionHead, tag_names, dropout: float):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.tag_names = tuple(tag_names)
+        self.dropout = nn.Dropout(dropout)
+        self.emissions = nn.Linear(head.out_dim, len(self.tag_names))
+        self.crf = CRF(len(self.tag_names), batch_first=True)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, HeadOutput]:
+        """Emission scores per word.
+
+        Returns:
+            ``(emissions, head_output)``: emissions (B, W, K) in float32, and what the
+            head returned (aux losses, diagnostics).
+        """
+        enc = self.encoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()
+        ).last_hidden_state  # (B, T, Dt)
+        out = self.head(
+            HeadInput(
+                hidden=enc,
+                token_mask=batch.attention_mask,
+                visual=batch.visual,
+                visual_masks=batch.visual_masks,
+                image_mask=batch.image_mask,
+                labels=batch.sub_labels,
+                label_names=self.tag_names,
+                entity_spans=batch.entity_spans,
+                entity_mask=batch.entity_mask,
+                text_teacher=batch.text_teacher,
+            )
+        )
+        h = out.hidden  # (B, T, H)
+        idx = batch.word_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (B, W, H)
+        words = torch.gather(h, 1, idx)
+        # The CRF's log-sum-exp over long sequences is sensitive to half precision.
+        return self.emissions(self.dropout(words)).float(), out
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """CRF negative log-likelihood (mean over the batch) plus the head's aux losses.
+
+        Returns:
+            ``(total, parts)`` where parts maps ``"crf"`` and each aux name to floats.
+        """
+        emissions, out = self(batch)
+        nll = -self.crf(emissions, batch.word_tags, mask=batch.word_mask, reduction="mean")
+        total = nll
+        parts = {"crf": float(nll.detach())}
+        for name, value in out.aux_losses.items():
+            total = total + value.float()
+            parts[name] = float(value.detach())
+        return total, parts
+
+    @torch.no_grad()
+    def decode(self, batch: Batch) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
+        """Viterbi tag ids per window (one per word) and the head's diagnostics (B,)."""
+        emissions, out = self(batch)
+        paths = self.crf.decode(emissions, mask=batch.word_mask)
+        return paths, {k: v.detach().float().cpu() for k, v in out.diagnostics.items()}
+
+
+def param_groups(model: Tagger, lr_encoder: float, lr_head: float, weight_decay: float):
+    """AdamW parameter groups: encoder vs. the rest, each with and without weight decay.
+
+    Biases and LayerNorm weights get no decay (the BERT fine-tuning convention: decaying
+    them only shrinks normalisation scales and shifts).
+    """
+    groups = {
+        (True, True): [],
+        (True, False): [],
+        (False, True): [],
+        (False, False): [],
+    }
+    norm_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d))
+        or "LayerNorm" in type(m).__name__
+        or "RMSNorm" in type(m).__name__
+        for p in m.parameters(recurse=False)
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_enc = name.startswith("encoder.")
+        decay = not (p.dim() < 2 or name.endswith(".bias") or id(p) in norm_ids)
+        groups[(is_enc, decay)].append(p)
+    out = []
+    for (is_enc, decay), params in groups.items():
+        if params:
+            out.append(
+                {
+                    "params": params,
+                    "lr": lr_encoder if is_enc else lr_head,
+                    "weight_decay": weight_decay if decay else 0.0,
+                }
+            )
+    return out

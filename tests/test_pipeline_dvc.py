@@ -1,0 +1,87 @@
+"""End to end: `dvc repro` in a copy of the repository, on a reduced sample.
+
+This is the product's main job (README's first command) shrunk by params overrides so
+it fits the default suite: every registered model trains for one epoch on a tiny sample,
+and the report must list every one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _copy_repo(dst: Path) -> None:
+    """Copy the tracked and untracked-but-not-ignored files, as a fresh clone would have."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if not src.is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / rel)
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    if shutil.which("git") is None:
+        pytest.skip("git is needed to copy the repository")
+    work = tmp_path_factory.mktemp("repo")
+    _copy_repo(work)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["sample"].update(n_train=48, n_valid=16, n_test=16)
+    params["train"].update(epochs=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(DVC_NO_ANALYTICS="1", HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    run = subprocess.run([*dvc, "repro"], cwd=work, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return work, env, dvc, params
+
+
+def test_repro_writes_a_report_listing_every_model(repro):
+    work, _, _, params = repro
+    models = params["pipeline"]["models"]
+    results = json.loads((work / "reports" / "results.json").read_text())
+    text = json.dumps(results)
+    md = (work / "reports" / "results.md").read_text()
+    for model in models:
+        assert f'"{model}"' in text, f"{model} missing from results.json"
+        assert f"| {model} " in md, f"{model} missing from results.md"
+    metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    assert set(metrics["sample"]) >= set(models)
+    for model in models:
+        assert 0.0 <= metrics["sample"][model]["f1"] <= 100.0
+    assert (work / "reports" / "dev_f1.csv").read_text().startswith("model,epoch,dev_f1")
+    # every run folder and the cache exist where dvc.yaml says
+    assert (work / "cache" / "sample.h5").is_file()
+    for model in models:
+        assert (work / "runs" / "sample" / model / "seed1" / "metrics.json").is_file()
+
+
+def test_dvc_metrics_and_status_after_repro(repro):
+    work, env, dvc, params = repro
+    shown = subprocess.run([*dvc, "metrics", "show", "--json"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True)
+    assert "bert_crf" in shown.stdout
+    status = subprocess.run([*dvc, "status"], cwd=work, env=env, capture_output=True,
+                            text=True, check=True)
+    assert "changed" not in status.stdout, status.stdout
