@@ -66,3 +66,16 @@ def test_head_beats_bert_crf_on_image_dependent_entities(trained, model):
     assert head["image_dependent"]["f1"] > base["image_dependent"]["f1"], (
         model, head["image_dependent"], base["image_dependent"]
     )
+
+
+def test_mgc_without_visual_modules_builds_from_the_cache(sample_dir, tiny_cache, tmp_path):
+    """Ablation `no_visual` reads no image feature; its joint space size still comes
+    from the cached CLIP text-teacher embeddings (recorded in provenance for reloading)."""
+    import json
+
+    cfg = make_train_config({"model": "mgc", "profile": "tiny", "epochs": 1,
+                             "head": {"no_visual": True}})
+    metrics = train_run(cfg, sample_dir, tiny_cache, tmp_path / "run")
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert set(prov["feature_dims"]) == {"clip_text/sentence"}
+    assert metrics["runs"][0]["test"]["overall"]["n_gold"] > 0

@@ -42,9 +42,9 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "epochs": 12,
         "batch_size": 16,
         "lr_encoder": 2e-3,
-        "lr_head": 3e-3,
+        "lr_head": 1e-3,
         "warmup_ratio": 0.1,
-        "patience": 4,
+        "patience": 6,
     },
 }
 

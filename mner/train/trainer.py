@@ -106,6 +106,21 @@ def open_cache(cfg: TrainConfig, features: Path | None):
     return cache, needs
 
 
+def feature_dims(cfg: TrainConfig, cache, needs) -> dict[str, int]:
+    """Last-dim sizes of the cached datasets the head is built with.
+
+    Includes ``clip_text/sentence`` for heads that read the text teacher, so a head whose
+    ablation drops every visual input (MGC without the visual modules) still learns the
+    joint-space size from the cache.
+    """
+    if cache is None:
+        return {}
+    names = list(needs)
+    if cfg.head_class().needs_text_teacher:
+        names.append("clip_text/sentence")
+    return {n: cache.dims(n) for n in names}
+
+
 class _Split:
     """One split's tweets and dataset."""
 
@@ -345,7 +360,7 @@ def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs) -> N
             "sha256": sha256(Path(cache.path)),
             "provenance": cache.provenance,
         }
-        prov["feature_dims"] = {n: cache.dims(n) for n in needs}
+        prov["feature_dims"] = feature_dims(cfg, cache, needs)
     _atomic_json(out / "provenance.json", json.loads(json.dumps(prov, default=str)))
 
 
@@ -408,8 +423,7 @@ def train_seed(cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume
     tagset = TagSet(cfg.resolved_scheme(), types)
     tagset.save(seed_dir / "labels.json")
 
-    feature_dims = {n: cache.dims(n) for n in needs} if cache is not None else {}
-    model = build_model(cfg, seed, enc, tagset, feature_dims).to(device)
+    model = build_model(cfg, seed, enc, tagset, feature_dims(cfg, cache, needs)).to(device)
     sets = _datasets(cfg, splits, tokenizer, tagset, cache, needs)
     train_ds = sets["train"].dataset
 
