@@ -85,3 +85,12 @@ def test_dvc_metrics_and_status_after_repro(repro):
     status = subprocess.run([*dvc, "status"], cwd=work, env=env, capture_output=True,
                             text=True, check=True)
     assert "changed" not in status.stdout, status.stdout
+
+
+def test_dvc_plots_show_renders_the_report_plots(repro):
+    work, env, dvc, _ = repro
+    out = subprocess.run([*dvc, "plots", "show", "--json"], cwd=work, env=env,
+                         capture_output=True, text=True, check=True)
+    shown = json.loads(out.stdout)
+    assert "reports/dev_f1.csv" in json.dumps(shown)
+    assert "reports/dev_f1_sample.png" in json.dumps(shown)

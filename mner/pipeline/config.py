@@ -95,7 +95,7 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
         if origin is tuple:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+            return tuple(coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
         return [coerce(args[0] if args else Any, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):

@@ -11,10 +11,6 @@ from mner.train.heads.base import HEADS, FusionHead, HeadInput, HeadOutput, get_
 _HEAD_MODULES = ("bert_crf", "umt", "maf", "bfcl", "mgc", "mgips_cl", "hamlearning")
 
 for _m in _HEAD_MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_m}")
-    except ModuleNotFoundError as exc:  # a head not written yet
-        if exc.name != f"{__name__}.{_m}":
-            raise
+    importlib.import_module(f"{__name__}.{_m}")
 
 __all__ = ["HEADS", "FusionHead", "HeadInput", "HeadOutput", "get_head", "register"]
