@@ -86,7 +86,8 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
         return value
     if origin in (tuple, list):
         if isinstance(value, str) and "," in value:
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # "-o seeds=1,2,3" arrives as one string; read each item as YAML does
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = get_args(tp)
