@@ -94,3 +94,16 @@ def test_dvc_plots_show_renders_the_report_plots(repro):
     shown = json.loads(out.stdout)
     assert "reports/dev_f1.csv" in json.dumps(shown)
     assert "reports/dev_f1_sample.png" in json.dumps(shown)
+
+
+def test_dvc_exp_run_with_a_param_override(repro):
+    """`dvc exp run -S` (README's way to run one model) re-runs just what changed."""
+    work, env, dvc, _ = repro
+    run = subprocess.run([*dvc, "exp", "run", "-S", "pipeline.models=[bert_crf]"], cwd=work,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = json.loads((work / "reports" / "metrics.json").read_text())
+    assert set(metrics["sample"]) == {"bert_crf"}
+    shown = subprocess.run([*dvc, "exp", "show", "--json"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True)
+    assert "pipeline.models" in shown.stdout

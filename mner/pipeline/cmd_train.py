@@ -88,7 +88,12 @@ def evaluate(
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
-    rows = [("overall", r["overall"])] + sorted(r["per_type"].items())
+    from mner.data.conll import TYPES
+
+    # the papers' column order (PER LOC ORG MISC), then any other type found
+    order = {t: i for i, t in enumerate(TYPES)}
+    per_type = sorted(r["per_type"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+    rows = [*per_type, ("overall", r["overall"])]
     if r["image_dependent"] is not None:
         rows.append(("image-dependent", r["image_dependent"]))
     typer.echo(f"{'':16} {'P':>6} {'R':>6} {'F1':>6} {'gold':>5} {'pred':>5}")
