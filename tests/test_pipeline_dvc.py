@@ -106,4 +106,6 @@ def test_dvc_exp_run_with_a_param_override(repro):
     assert set(metrics["sample"]) == {"bert_crf"}
     shown = subprocess.run([*dvc, "exp", "show", "--json"], cwd=work, env=env,
                            capture_output=True, text=True, check=True)
-    assert "pipeline.models" in shown.stdout
+    exps = [e for rev in json.loads(shown.stdout) for e in (rev.get("experiments") or [])]
+    assert exps, "dvc exp show lists no experiment"
+    assert '"models": ["bert_crf"]' in json.dumps(exps)

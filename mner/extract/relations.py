@@ -1,6 +1,6 @@
 """HamLearning's spatial relation graph over [IMG] and the detected objects.
 
-Paper: /work/shared/papers/004_b9c1c4cb1bc4ba04.txt, section "Spatial Encoding"
+Paper: ../shared/papers/004_b9c1c4cb1bc4ba04.txt, section "Spatial Encoding"
 (HamLearning, after Yao et al. 2018). For a pair of objects o_i, o_j the paper computes
 the centre distance d_ij, the IoU u_ij and the angle delta_ij of the vector
 (x_j - x_i, y_j - y_i) to the positive x axis, then labels the edge o_i -> o_j:

@@ -1,6 +1,6 @@
 """The papers' reported overall test F1 on Twitter-2015 and Twitter-2017.
 
-Source: /work/shared/papers/README.md (BERT-CRF and UMT as quoted in the comparison
+Source: ../shared/papers/README.md (BERT-CRF and UMT as quoted in the comparison
 tables of the five papers; the others from their own papers). Keys are the head
 registry names.
 """

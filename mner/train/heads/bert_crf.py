@@ -3,7 +3,7 @@
 The encoder's sub-token states go unchanged to the emission layer and CRF, which the
 trainer owns (see ``base.py``); the head adds no parameters, no auxiliary loss and reads
 no cached visual feature. This is the "BERT-CRF" row of every paper's results table
-(e.g. /work/shared/papers/000_72bfaac9fd095f9c.txt, Table 1).
+(e.g. ../shared/papers/000_72bfaac9fd095f9c.txt, Table 1).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """BFCL: MNER with Bottleneck Fusion and Contrastive Learning (Wang et al., IEICE 2023).
 
-Paper: /work/shared/papers/001_9aa0ae0d2350b47d.txt. Tags are BIO2 as in the paper.
+Paper: ../shared/papers/001_9aa0ae0d2350b47d.txt. Tags are BIO2 as in the paper.
 
 Inputs: ``hidden`` = the BERT token states C (B, T, Dt); ``resnet/grid`` = the 7x7
 ResNet regions U (B, R=49, Dv). D is the shared multimodal size d (768 in the paper;

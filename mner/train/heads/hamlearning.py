@@ -1,6 +1,6 @@
 """HamLearning: hierarchical aligned multimodal learning (Liu et al., AAAI 2023).
 
-Paper: /work/shared/papers/004_b9c1c4cb1bc4ba04.txt ("Hierarchical Aligned Multimodal
+Paper: ../shared/papers/004_b9c1c4cb1bc4ba04.txt ("Hierarchical Aligned Multimodal
 Learning for NER on Tweet Posts"). Read its Method section next to :meth:`HamLearning.forward`,
 which follows it top to bottom. Equations -> code:
 

@@ -1,6 +1,6 @@
 """MAF: a general Matching and Alignment Framework for MNER (Xu et al., WSDM 2022).
 
-Paper: /work/shared/papers/002_c5cc8215d4c97a04.txt (reference code: github.com/xubodhu/MAF,
+Paper: ../shared/papers/002_c5cc8215d4c97a04.txt (reference code: github.com/xubodhu/MAF,
 ``mybert/gate_cl_modeling.py``). Tags are BIOES as in the paper (section 2.1).
 
 Inputs (section 3.1): ``hidden`` = the BERT token states T (B, T, Dt), position 0 is

@@ -1,6 +1,6 @@
 """MGC: Multi-Granularity Contrastive knowledge distillation.
 
-Paper: /work/shared/papers/000_72bfaac9fd095f9c.txt ("Multi-Granularity Contrastive
+Paper: ../shared/papers/000_72bfaac9fd095f9c.txt ("Multi-Granularity Contrastive
 Knowledge Distillation for Multimodal Named Entity Recognition"), section 2.
 
 Map from the paper's equations to this module (shapes: B batch, T sub-tokens,

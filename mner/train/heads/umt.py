@@ -2,8 +2,8 @@
 
 Paper: Yu, Jiang, Yang and Xia (2020), "Improving Multimodal Named Entity Recognition
 via Entity Span Detection with Unified Multimodal Transformer" (ACL 2020). It is not in
-/work/shared/papers; our spec is its summary in section 2.4 ("Output Module", eqs.
-13-18) of /work/shared/papers/000_72bfaac9fd095f9c.txt (MGC, which builds on UMT),
+../shared/papers; our spec is its summary in section 2.4 ("Output Module", eqs.
+13-18) of ../shared/papers/000_72bfaac9fd095f9c.txt (MGC, which builds on UMT),
 with UMT's own design and its authors' released code for what that summary leaves out
 (the extra text transformer layer, the ESD branch and its loss weight 0.5).
 
@@ -35,7 +35,7 @@ typed emission layer and ``HeadOutput`` has no channel for an emission prior, so
 ESD shapes the shared encoder through its auxiliary loss only (multi-task learning).
 
 Ablation switches, one per component of the design above (the UMT paper is not in
-/work/shared/papers, so its ablation table could not be checked row by row); each
+../shared/papers, so its ablation table could not be checked row by row); each
 removes exactly its parameters and loss term: ``esd`` (False:
 no ESD branch, no ``esd`` loss), ``no_gate`` (``B = Q``), ``no_image_aware`` (``A = H``:
 no ``img2txt``/``txt2img_word`` layers), ``no_word_aware`` (no ``Q``, no gate, output
