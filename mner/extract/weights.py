@@ -30,7 +30,6 @@ Where weights come from, in order:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import socket
 import zlib
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 
 from mner.errors import WeightsError
+from mner.provenance import sha256_file
 
 #: Extensions tried for ``<weights_dir>/<model>``.
 LOCAL_EXTENSIONS: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
@@ -64,15 +64,6 @@ def seeded(seed: int, model: str) -> Iterator[None]:
 def offline() -> bool:
     """True when downloads must not be attempted."""
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HF_HUB_OFFLINE", "MNER_OFFLINE"))
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file (recorded in the cache provenance)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_local(weights_dir: Path, names: list[str]) -> Path | None:

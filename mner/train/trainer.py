@@ -14,7 +14,6 @@ checkpoint of epoch ``k`` is written, which is how the resume test interrupts a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 import mner
 from mner.errors import CacheError, ConfigError, DataError
 from mner.pipeline.config import to_dict
+from mner.provenance import sha256_file
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
 from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
@@ -72,13 +72,6 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     return torch.float16
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_cache(cfg: TrainConfig, features: Path | None):
@@ -347,7 +340,7 @@ def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs) -> N
     prov = {
         "dataset": {
             "name": cfg.dataset_name or data_dir.resolve().name,
-            "files": {f: sha256(Path(f)) for f in files},
+            "files": {f: sha256_file(f) for f in files},
         },
         "cache": None,
         "feature_dims": {},
@@ -357,7 +350,7 @@ def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs) -> N
     if cache is not None:
         prov["cache"] = {
             "path": str(Path(cache.path).resolve()),
-            "sha256": sha256(Path(cache.path)),
+            "sha256": sha256_file(cache.path),
             "provenance": cache.provenance,
         }
         prov["feature_dims"] = feature_dims(cfg, cache, needs)
