@@ -47,3 +47,19 @@ def tiny_cache(sample_dir, tmp_path_factory):
         out=out,
     )
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module (restored after).
+
+    Tiny tensors gain nothing from two threads, and on a 2-core machine shared with
+    DataLoader workers or other jobs, two threads wait on each other. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ EXPECTED = {"ok_rgb": "ok", "ok_rgba": "ok", "grey": "ok", "palette": "ok", "cmy
             "text": "not_image", "big": "too_large"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's CPU is shared; one intra-op thread is several times faster there.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _scene(seed: int, size=(64, 48)) -> Image.Image:

@@ -7,19 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mner.cache.reader import FeatureCache
 from mner.pipeline import cli
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(monkeypatch, capsys, *args):

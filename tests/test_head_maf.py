@@ -16,13 +16,7 @@ D, DV, R = 32, 24, 49
 DIMS = {"resnet/grid": DV, "resnet/pooled": DV}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscribing the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(lengths=(7, 5, 9, 3, 6, 8), pad_to=None, missing=(4,), seed=0, grad=False):

@@ -18,13 +18,7 @@ ALL_LOSSES = {"kd_global", "kd_entity", "contrastive_global", "contrastive_entit
 MISSING = 2  # the row whose image could not be read
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids oversubscribing shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_head(seed: int = 0, dim: int = D, **cfg) -> MGCHead:

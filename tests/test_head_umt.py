@@ -21,13 +21,7 @@ D, DV, R = 32, 16, 49
 NAMES = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and avoids oversubscribing shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_head(seed: int = 0, **cfg) -> UMTHead:
