@@ -37,6 +37,10 @@ Ablations (paper Table 3, Table 4), each a :class:`HamLearningConfig` field:
   eq. 10 fusion, the eq. 13 gate and the V^2 updates) is not built; V = V^1. The cache's
   ``relations/labels`` and ``objects/boxes_norm`` are then not required.
 * ``no_vit`` ("w/o ViT"): the whole semantic level is not built; V = V^2.
+  Known limitation: on the tiny sample this ablation trains poorly (test F1 ~30),
+  because the un-normalised R-GCN output then dominates the fused text states. A
+  LayerNorm after eq. 10 fixes it (82 F1) but made the full model's learn test flaky,
+  so it is not applied yet.
 * ``no_rm`` ("w/o RM"): eqs. 8-9 are not built; eq. 10 uses M^r = 1.
 * ``rounds`` (L, Table 4): number of cross-modal interaction rounds.
 
