@@ -25,6 +25,10 @@ from mner.pipeline.config import build, coerce, load_section, merge, parse_overr
 ParamsOpt = Annotated[
     Path | None, typer.Option("--params", help="params.yaml to read this command's section from.")
 ]
+KeepOtherOpt = Annotated[
+    bool | None,
+    typer.Option("--keep-other", help="Keep OTHER as its own type (default: MISC)."),
+]
 OverrideOpt = Annotated[
     list[str] | None,
     typer.Option("-o", "--set", help="Override a setting: -o key=value (repeatable)."),
@@ -104,10 +108,7 @@ def stats(
     strict: Annotated[
         bool | None, typer.Option("--strict", help="Reject malformed tag sequences.")
     ] = None,
-    keep_other: Annotated[
-        bool | None,
-        typer.Option("--keep-other", help="Keep OTHER as its own type (default: MISC)."),
-    ] = None,
+    keep_other: KeepOtherOpt = None,
     params: ParamsOpt = None,
     override: OverrideOpt = None,
 ) -> None:
@@ -169,10 +170,7 @@ def score_cmd(
             help="image_dependent.tsv: also score the image-dependent entities of this split.",
         ),
     ] = None,
-    keep_other: Annotated[
-        bool | None,
-        typer.Option("--keep-other", help="Keep OTHER as its own type (default: MISC)."),
-    ] = None,
+    keep_other: KeepOtherOpt = None,
     params: ParamsOpt = None,
     override: OverrideOpt = None,
 ) -> None:

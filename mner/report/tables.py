@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mner.report.paper_numbers import PAPER_ORDER, paper_dataset, paper_f1
-from mner.report.runs import Run
+from mner.report.runs import Run, as_dict
 
 TYPES: tuple[str, ...] = ("PER", "LOC", "ORG", "MISC")
 
@@ -244,15 +244,10 @@ def markdown_table(table: Table, digits: int = 2) -> str:
 
 def row_dict(row: Row) -> dict[str, Any]:
     """A row as JSON: identity, every stat as ``{mean, std, n}``, per-seed values."""
-    run = row.run
+    # identity as in as_dict, but labelled as the row (pooled rows may be relabelled)
     return {
+        **as_dict(row.run),
         "label": row.label,
-        "model": run.model,
-        "run": str(run.path),
-        "run_folders": [str(m.path) for m in run.folders],
-        "profile": run.profile,
-        "head_ablation": dict(run.head_diff),
-        "seeds": list(run.metrics.get("seeds") or []),
         "scores": {k: (v.to_dict() if v is not None else None) for k, v in row.stats.items()},
         "paper_f1": row.paper_f1,
         "per_seed": row.per_seed,
