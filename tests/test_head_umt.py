@@ -13,6 +13,7 @@ from mner.train.heads.umt import (
     UMTConfig,
     UMTHead,
     compact_labelled,
+    conversion_matrix,
     resolve_heads,
     span_tag_map,
 )
@@ -226,6 +227,62 @@ def test_each_switch_removes_exactly_its_component(switch, removed_prefixes, aux
     assert set(out.aux_losses) == aux
     assert head.out_dim == out_dim and out.hidden.shape[-1] == out_dim
     assert ("umt_gate" in out.diagnostics) == ("interaction.gate.weight" in _param_names(head))
+
+
+def test_conversion_matrix_spreads_span_tags_over_entity_types():
+    w = conversion_matrix(("O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "I-MISC"))
+    # UMT's released matrix: O -> O 1; B -> each B-X 0.25; I -> each I-X 0.25
+    expected = torch.zeros(3, 9)
+    expected[0, 0] = 1.0
+    expected[1, [1, 3, 5, 7]] = 0.25
+    expected[2, [2, 4, 6, 8]] = 0.25
+    torch.testing.assert_close(w, expected)
+    bioes = conversion_matrix(("O", "B-PER", "I-PER", "E-PER", "S-PER", "B-LOC", "S-LOC"))
+    torch.testing.assert_close(bioes, torch.tensor([[1.0, 0, 0, 0, 0, 0, 0],
+                                                     [0, 0.5, 0, 0, 0.5, 0.5, 0.5],
+                                                     [0, 0, 0.5, 0.5, 0, 0, 0]]))
+
+
+def test_conversion_returns_converted_esd_scores_in_training_and_decoding():
+    batch = make_batch()
+    head = make_head(seed=4).eval()
+    out = head(batch)
+    assert out.emission_prior.shape == (4, 7, len(NAMES)) and out.prior_weight == 0.5
+    # The prior is the ESD branch's B/I/O scores through the fixed matrix.
+    logits = head.esd_classifier(head.esd_layer(batch.hidden, batch.hidden, batch.token_mask))
+    torch.testing.assert_close(out.emission_prior, logits @ conversion_matrix(NAMES))
+    batch.labels = None  # decoding: no loss, same prior
+    dec = head(batch)
+    assert dec.aux_losses == {}
+    torch.testing.assert_close(dec.emission_prior, out.emission_prior)
+    assert make_head(conversion=False).eval()(batch).emission_prior is None
+    assert make_head(esd=False).eval()(batch).emission_prior is None
+    assert make_head(conversion_weight=0.3).eval()(batch).prior_weight == 0.3
+
+
+def test_tagger_mixes_the_prior_into_its_typed_emissions():
+    from types import SimpleNamespace
+
+    from mner.train.model import Tagger
+
+    batch = make_batch()
+
+    class Encoder(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(last_hidden_state=batch.hidden)
+
+    tagger = Tagger(Encoder(), make_head(seed=6), NAMES, dropout=0.0).eval()
+    word_pos = torch.tensor([[1, 2, 4, 5]] * 4)  # first sub-tokens of four words
+    tb = SimpleNamespace(input_ids=None, attention_mask=batch.token_mask, visual=batch.visual,
+                         visual_masks={}, image_mask=batch.image_mask, sub_labels=None,
+                         entity_spans=None, entity_mask=None, text_teacher={}, word_pos=word_pos)
+    em, out = tagger(tb)
+    idx = word_pos.unsqueeze(-1)
+    typed = tagger.emissions(out.hidden.gather(1, idx.expand(-1, -1, out.hidden.shape[-1])))
+    prior = out.emission_prior.gather(1, idx.expand(-1, -1, len(NAMES)))
+    assert em.shape == (4, 4, len(NAMES))
+    torch.testing.assert_close(em, 0.5 * typed + 0.5 * prior)
+    assert not torch.allclose(em, typed)
 
 
 def test_esd_crf_only_with_the_crf_decoder():

@@ -12,7 +12,10 @@ import contextlib
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
+from torchvision import transforms as T
+from torchvision.transforms.functional import pil_to_tensor
 
 from mner.extract.config import ExtractConfig
 
@@ -30,6 +33,61 @@ def resolve_device(device: str) -> torch.device:
 
         raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
     return torch.device(device)
+
+
+class ByteTransform:
+    """An eval transform ending in ``ToTensor`` + ``Normalize``, split at the ``ToTensor``.
+
+    Workers run the PIL steps and ship uint8 tensors (a quarter of the float32 bytes
+    through the DataLoader's shared memory, and later to the GPU); :meth:`normalize`
+    then applies the same float32 operations as ``ToTensor`` + ``Normalize`` to the
+    whole batch on the device, so the values are bit-identical to the unsplit transform.
+
+    Args:
+        transform: A ``Compose`` whose last two steps are a to-tensor step and ``Normalize``.
+        device: Where :meth:`normalize` puts the batch.
+    """
+
+    def __init__(self, transform: T.Compose, device: torch.device):
+        *pil_steps, to_tensor, norm = transform.transforms
+        if not isinstance(norm, T.Normalize) or "ToTensor" not in type(to_tensor).__name__:
+            raise TypeError(f"expected a transform ending in ToTensor, Normalize; got {transform}")
+        self.pil = T.Compose(pil_steps)
+        self.mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(-1, 1, 1)
+        self.device = device
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, S, S) uint8 tensor (resized and cropped)."""
+        return pil_to_tensor(self.pil(image))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> normalised float32 on the device (ToTensor + Normalize)."""
+        return x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN reports native bfloat16 arithmetic on this CPU (AVX512-BF16, AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private probe; absent in some builds
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``fp16`` on CUDA, ``bf16`` on a CPU with native bfloat16, else ``fp32``.
+
+    Explicit values pass through: a cache's recorded precision is reproduced exactly by
+    ``mner predict`` whatever machine it runs on.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -50,7 +108,7 @@ class Extractor:
     Attributes:
         group: Cache group written (``"resnet"``, ``"clip"``, ...).
         device: Where the models run.
-        amp: Whether float16 autocast is active (CUDA only).
+        precision: Resolved autocast dtype name (``fp32``, ``bf16`` or ``fp16``).
     """
 
     group: str = ""
@@ -58,13 +116,13 @@ class Extractor:
     def __init__(self, cfg: ExtractConfig, device: torch.device):
         self.cfg = cfg
         self.device = device
-        self.amp = cfg.amp and device.type == "cuda"
+        self.precision = resolve_precision(cfg.precision, device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed precision on CUDA; a no-op on CPU (CPU float16 kernels are slow)."""
-        if self.amp:
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        """Autocast to the resolved precision; a no-op for ``fp32``."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
     def attrs(self) -> dict[str, Any]:
         """Group attributes: ``model``, ``weights``, ``preprocessing``, ``dims`` and extras."""

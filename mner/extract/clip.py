@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from mner.extract import weights as W
-from mner.extract.base import Extractor, freeze
+from mner.extract.base import ByteTransform, Extractor, freeze
 from mner.extract.config import ExtractConfig
 
 #: Architecture of the tiny profile's CLIP (open_clip ``CLIP`` constructor arguments).
@@ -74,7 +74,7 @@ class ClipBackbone:
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(
                 context_length=TINY_CLIP["text_cfg"]["context_length"])
         self.model = freeze(model).to(device)
-        self.preprocess = preprocess
+        self.transform = ByteTransform(preprocess, device)
         visual = self.model.visual
         self.embed_dim = int(self.model.text_projection.shape[-1]
                              if hasattr(self.model, "text_projection") else visual.output_dim)
@@ -110,14 +110,15 @@ class ClipExtractor(Extractor):
         self.bb = backbone
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """open_clip's own eval transform: (3, S, S) normalised tensor."""
-        return self.bb.preprocess(image)
+        """open_clip's own eval transform up to its ToTensor: (3, S, S) uint8."""
+        return self.bb.transform(image)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        """Args: x (B, 3, S, S). Returns ``image_embed`` (B, Dc), ``patch_tokens`` (B, P+1, Wc)."""
+        """Args: x (B, 3, S, S) uint8. Returns ``image_embed`` (B, Dc), ``patch_tokens`` (B, P+1, Wc)."""
+        x = self.bb.transform.normalize(x)  # open_clip's ToTensor + Normalize, batched
         with self.autocast():
-            emb, tok = self.bb.encode_tokens(self.bb.model.visual, x.to(self.device, non_blocking=True))
+            emb, tok = self.bb.encode_tokens(self.bb.model.visual, x)
         return {"image_embed": emb.float().cpu().numpy(), "patch_tokens": tok.float().cpu().numpy()}
 
     def dims(self) -> dict[str, int]:

@@ -20,7 +20,9 @@ class ExtractConfig:
             detector too (its outputs are stored only when ``objects`` is listed).
         device: ``auto`` picks CUDA when available.
         batch_size: Images per inference batch.
-        workers: DataLoader processes decoding images; None = 2 on CPU, 4 on CUDA.
+        workers: DataLoader processes decoding images; None = 4 on CUDA, on CPU 0 up
+            to 2 cores (decoding between batches beats competing with the model for
+            them), else min(2, cores - 2).
         weights_dir: Folder with local weight files ``<model>.pth`` (see
             :mod:`mner.extract.weights`); tried before any library cache or download.
         overwrite: Discard an existing cache (and partial file) instead of resuming.
@@ -29,7 +31,18 @@ class ExtractConfig:
         clip_model: open_clip model name (paper profile).
         clip_pretrained: open_clip pretrained tag (paper profile).
         detector: ``fasterrcnn`` / ``maskrcnn`` (torchvision, v2 weights) or
-            ``detectron2`` (optional backend; needs detectron2 installed).
+            ``detectron2`` (optional backend; needs detectron2 installed, see
+            :mod:`mner.extract.detectron2_backend`).
+        d2_config: detectron2 only: a yaml config file, or a model-zoo name such as
+            ``COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml`` (whose trained checkpoint
+            becomes ``MODEL.WEIGHTS``); None = that Faster R-CNN R50-FPN 3x config.
+        d2_weights: detectron2 only: checkpoint loaded with its ``DetectionCheckpointer``:
+            a local ``.pth`` / ``.pkl`` file, or a URL / ``detectron2://`` path (cached by
+            detectron2); None = ``--weights-dir``'s ``<config stem>.pkl`` / ``.pth`` if
+            given, else the config's ``MODEL.WEIGHTS`` (paper) or seeded random weights (tiny).
+        d2_classes: detectron2 only: text file of class names, one per line in class-id
+            order (e.g. Visual Genome's 1600 objects); None = ``thing_classes`` of the
+            config's first ``DATASETS.TEST`` dataset.
         max_objects: Detections kept per image after NMS (O).
         score_threshold: Minimum detection score; None = 0.05 (paper) / 0.0 (tiny, so
             random detectors still return ``max_objects`` boxes).
@@ -38,7 +51,11 @@ class ExtractConfig:
         num_crops: Object crops per image for MGIPS-CL (K).
         crop_size: Side of the square crop fed to CLIP, pixels.
         max_pixels: Decompression-bomb guard: larger images get status ``too_large``.
-        amp: float16 autocast on CUDA (ignored on CPU).
+        precision: Autocast dtype of the frozen models: ``fp32`` (none), ``bf16``,
+            ``fp16``, or ``auto``: float16 on CUDA; on CPU bfloat16 where the processor
+            has native bfloat16 arithmetic (AVX512-BF16 / AMX; about 2x the float32
+            throughput for batched convolutions there), float32 elsewhere. The resolved
+            dtype is recorded in the cache and reused by ``mner predict``.
         threads: torch intra-op threads during the run (restored after); None leaves
             torch's setting. On a shared, busy CPU 1 is often several times faster than
             more, since every parallel op waits for its slowest thread.
@@ -56,13 +73,16 @@ class ExtractConfig:
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"
     detector: Literal["fasterrcnn", "maskrcnn", "detectron2"] = "fasterrcnn"
+    d2_config: str | None = None
+    d2_weights: str | None = None
+    d2_classes: Path | None = None
     max_objects: int = 15
     score_threshold: float | None = None
     region_pool: Literal["box_head", "mean"] = "box_head"
     num_crops: int = 3
     crop_size: int = 128
     max_pixels: int = 89_478_485
-    amp: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -76,6 +96,10 @@ class ExtractConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
+        d2_set = [n for n in ("d2_config", "d2_weights", "d2_classes") if getattr(self, n) is not None]
+        if d2_set and self.detector != "detectron2":
+            raise ValueError(f"{d2_set[0]} is set but detector is {self.detector}; add "
+                             f"-o detector=detectron2 or drop {d2_set[0]}")
         if self.num_crops > self.max_objects:
             raise ValueError(f"num_crops ({self.num_crops}) exceeds max_objects ({self.max_objects})")
         # Keep the canonical order so caches made with the same set compare equal.

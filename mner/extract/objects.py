@@ -17,8 +17,10 @@ detections depend on its batch-mates; so only images of the same size share a fo
 pass (see :meth:`ObjectExtractor._run`): results are a function of the image alone,
 at the price of smaller batches on datasets of mixed sizes.
 
-The optional detectron2 backend is isolated in :func:`detectron2_detector`; choosing it
-without detectron2 installed is a one-line :class:`WeightsError` before any work.
+The optional detectron2 backend lives in :mod:`mner.extract.detectron2_backend`:
+:func:`build_detector` returns its extractor (same interface) for ``detector=detectron2``
+and an :class:`ObjectExtractor` otherwise; choosing it without detectron2 installed is a
+one-line :class:`WeightsError` before any work.
 """
 
 from __future__ import annotations
@@ -53,22 +55,40 @@ _TINY = {
 }
 
 
-def detectron2_detector(cfg: ExtractConfig) -> Any:
+def detectron2_detector(cfg: ExtractConfig, device: torch.device) -> Any:
     """The detectron2 backend, kept apart so torchvision users never import it.
 
+    Returns:
+        A :class:`mner.extract.detectron2_backend.Detectron2Extractor` (the interface of
+        :class:`ObjectExtractor`).
+
     Raises:
-        WeightsError: detectron2 is not installed.
-        ConfigError: it is installed: this backend is not wired up in this version.
+        WeightsError: detectron2 is not installed, or cannot be imported.
     """
     try:
         import detectron2  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
+        if exc.name not in (None, "detectron2"):  # installed, but one of its dependencies is not
+            raise WeightsError(
+                f"detector detectron2: detectron2 cannot be imported (no module {exc.name}); "
+                f"pip install {exc.name.split('.')[0]}, or use -o detector=fasterrcnn"
+            ) from None
         raise WeightsError(
             "detector detectron2: detectron2 is not installed; install it (see "
-            "https://detectron2.readthedocs.io) or use -o detector=fasterrcnn"
+            "https://detectron2.readthedocs.io/en/latest/tutorials/install.html) or use "
+            "-o detector=fasterrcnn"
         ) from None
-    raise ConfigError("detector detectron2: the detectron2 backend is not implemented yet; "
-                      "use -o detector=fasterrcnn or maskrcnn")
+    from mner.extract.detectron2_backend import Detectron2Extractor
+
+    return Detectron2Extractor(cfg, device)
+
+
+def build_detector(cfg: ExtractConfig, device: torch.device) -> Any:
+    """The detector ``cfg.detector`` names: an :class:`ObjectExtractor` (torchvision) or
+    the detectron2 backend's extractor, which has the same interface."""
+    if cfg.detector == "detectron2":
+        return detectron2_detector(cfg, device)
+    return ObjectExtractor(cfg, device)
 
 
 class ObjectExtractor(Extractor):
@@ -83,8 +103,8 @@ class ObjectExtractor(Extractor):
 
     def __init__(self, cfg: ExtractConfig, device: torch.device):
         super().__init__(cfg, device)
-        if cfg.detector == "detectron2":
-            detectron2_detector(cfg)
+        if cfg.detector not in _PAPER:
+            raise ConfigError(f"ObjectExtractor is torchvision's; use build_detector for {cfg.detector}")
         kwargs: dict[str, Any] = {"box_score_thresh": cfg.threshold,
                                   "box_detections_per_img": cfg.max_objects, "num_classes": 91}
         if cfg.profile == "paper":

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from mner.extract import weights as W
-from mner.extract.base import IMAGENET_MEAN, IMAGENET_STD, Extractor, freeze
+from mner.extract.base import IMAGENET_MEAN, IMAGENET_STD, ByteTransform, Extractor, freeze
 from mner.extract.config import ExtractConfig
 
 #: Input side; the last conv map is then 7x7.
@@ -50,20 +50,20 @@ class ResNetExtractor(Extractor):
         self.full = net  # kept for saving tiny weights (tests) and provenance
         # Everything up to layer4; the classifier is not needed.
         body = nn.Sequential(*list(net.children())[:-2])
-        self.body = freeze(body).to(device)
-        if device.type == "cuda":
-            self.body = self.body.to(memory_format=torch.channels_last)
+        # Channels-last on every device: oneDNN's CPU convolutions and cuDNN's tensor-core
+        # kernels both prefer NHWC (about 2x for batched CPU inference here).
+        self.body = freeze(body).to(device, memory_format=torch.channels_last)
         self.width = net.fc.in_features
         # Short side to 224 (small images go up, never dropped), centre 224x224 crop.
-        self.transform = T.Compose([
+        self.transform = ByteTransform(T.Compose([
             T.Resize(SIZE, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
             T.CenterCrop(SIZE),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        ]), device)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> normalised (3, 224, 224) float tensor."""
+        """RGB PIL image -> (3, 224, 224) uint8 tensor, resized and cropped."""
         return self.transform(image)
 
     @torch.inference_mode()
@@ -71,14 +71,12 @@ class ResNetExtractor(Extractor):
         """Run a batch.
 
         Args:
-            x: (B, 3, 224, 224) preprocessed images.
+            x: (B, 3, 224, 224) uint8 images from :meth:`preprocess`.
 
         Returns:
             ``grid`` (B, 49, Dr) and ``pooled`` (B, Dr), float32 numpy.
         """
-        x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.to(memory_format=torch.channels_last)
+        x = self.transform.normalize(x).contiguous(memory_format=torch.channels_last)
         with self.autocast():
             fmap = self.body(x)  # (B, Dr, 7, 7)
         fmap = fmap.float()

@@ -42,7 +42,7 @@ from mner.data.conll import Tweet, read_conll
 from mner.data.images import find_image
 from mner.data.schemes import entities
 from mner.errors import CacheError, DataError
-from mner.extract.base import resolve_device
+from mner.extract.base import resolve_device, resolve_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.relations import RELATION_NAMES, relation_matrix
@@ -65,7 +65,7 @@ def build_extractors(cfg: ExtractConfig, device: torch.device) -> dict[str, Any]
     """
     from mner.extract.clip import ClipBackbone, ClipExtractor, ClipTextExtractor
     from mner.extract.crops import CropExtractor
-    from mner.extract.objects import ObjectExtractor
+    from mner.extract.objects import build_detector
     from mner.extract.resnet import ResNetExtractor
 
     feats = set(cfg.features)
@@ -79,7 +79,7 @@ def build_extractors(cfg: ExtractConfig, device: torch.device) -> dict[str, Any]
         if "clip_text" in feats:
             out["clip_text"] = ClipTextExtractor(cfg, device, bb)
     if cfg.needs_detector:
-        out["detector"] = ObjectExtractor(cfg, device)
+        out["detector"] = build_detector(cfg, device)
     if "crops" in feats:
         out["crops"] = CropExtractor(cfg, device, bb)
     return out
@@ -168,10 +168,15 @@ def library_versions() -> dict[str, str]:
             "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
 
 
-def _check_root(writer: CacheWriter, cfg: ExtractConfig) -> None:
+def _check_root(writer: CacheWriter, cfg: ExtractConfig, precision: str) -> None:
     root = writer.root_attrs
     if not root:
         return
+    had = (root.get("extract_config") or {}).get("precision", precision)
+    if had != precision:
+        # Rows computed in two precisions would differ by more than rounding.
+        raise CacheError(f"{writer.out} was made with precision {had}, this run resolves to "
+                         f"{precision}; pass -o precision={had}, or --overwrite")
     if root.get("schema_version") != schema.SCHEMA_VERSION:
         raise CacheError(f"{writer.out}: schema version {root.get('schema_version')}, this mner "
                          f"writes {schema.SCHEMA_VERSION}; pass --overwrite")
@@ -271,7 +276,8 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
 
     writer = CacheWriter.open(out, overwrite=cfg.overwrite)
     try:
-        _check_root(writer, cfg)
+        precision = resolve_precision(cfg.precision, device)
+        _check_root(writer, cfg, precision)
         from mner.pipeline.config import to_dict
 
         created = writer.root_attrs.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -279,8 +285,9 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
             "schema_version": schema.SCHEMA_VERSION, "mner_version": mner.__version__,
             "profile": cfg.profile, "seed": cfg.seed, "created": created,
             "library_versions": library_versions(),
-            "extract_config": {k: v for k, v in to_dict(cfg).items()
-                               if k not in ("overwrite", "workers", "device", "batch_size", "threads")},
+            "extract_config": {**{k: v for k, v in to_dict(cfg).items()
+                                  if k not in ("overwrite", "workers", "device", "batch_size", "threads")},
+                               "precision": precision},
         })
         initial = ["missing" if p is None else "pending" for p in paths]
         rows = writer.add_images(ids, initial)
@@ -308,6 +315,19 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
             "sentences": sentences, "seconds": time.perf_counter() - t0}
 
 
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when ``cfg.workers`` is None.
+
+    CUDA: 4, so decoding overlaps inference. CPU: the model's intra-op threads already
+    use every core, and each worker takes one away from them (and adds a copy through
+    shared memory), so 0 (decode between batches) up to 2 cores, then 1 per extra core,
+    at most 2.
+    """
+    if device.type == "cuda":
+        return 4
+    return max(0, min(2, (os.cpu_count() or 1) - 2))
+
+
 def _worker_init(_: int) -> None:
     # Decoding/resizing is per-image work; intra-op threads in each worker would only
     # fight the main process's model threads for the same cores.
@@ -324,7 +344,7 @@ def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
     if any(g in specs for g in ("objects", "relations", "crops")):
         transforms["raw"] = ex["detector"].preprocess
     items = ImageItems([row_path[r] for r in pending], pending, transforms, cfg.max_pixels)
-    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 2)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device)
     workers = min(workers, max(0, (len(pending) + cfg.batch_size - 1) // cfg.batch_size))
     loader = DataLoader(items, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate, pin_memory=device.type == "cuda",

@@ -65,7 +65,12 @@ class Tagger(nn.Module):
         idx = batch.word_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (B, W, H)
         words = torch.gather(h, 1, idx)
         # The CRF's log-sum-exp over long sequences is sensitive to half precision.
-        return self.emissions(self.dropout(words)).float(), out
+        em = self.emissions(self.dropout(words)).float()  # (B, W, K)
+        if out.emission_prior is not None:
+            k = out.emission_prior.shape[-1]
+            prior = torch.gather(out.emission_prior.float(), 1, batch.word_pos.unsqueeze(-1).expand(-1, -1, k))
+            em = (1.0 - out.prior_weight) * em + out.prior_weight * prior
+        return em, out
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """CRF negative log-likelihood (mean over the batch) plus the head's aux losses.

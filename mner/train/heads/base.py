@@ -82,11 +82,18 @@ class HeadOutput:
             the trainer adds them to the CRF negative log-likelihood and logs each.
         diagnostics: named per-example values (B,) for the report's histograms, e.g.
             MAF's matching probability or a mean visual gate.
+        emission_prior: (B, T, K) scores over the CRF's tags (``label_names`` order)
+            that the tagger mixes into its emissions, ``(1 - w) * E + w * prior`` with
+            ``w = prior_weight``, in training and decoding alike (UMT's conversion of
+            its span-detection scores); None for none.
+        prior_weight: ``w`` above.
     """
 
     hidden: torch.Tensor
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    emission_prior: torch.Tensor | None = None
+    prior_weight: float = 0.0
 
 
 @dataclass(frozen=True)

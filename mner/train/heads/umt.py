@@ -29,15 +29,19 @@ Map from the equations (MGC paper numbering) to this module:
   Gold span tags come from ``labels``/``label_names``: B-X and S-X -> B, I-X and E-X
   -> I, O -> O (so BIO2 and BIOES runs both work).
 
-Not implemented: UMT's conversion matrix, which adds the ESD emissions mapped to
-typed tags (``esd_logits @ W_tr``) to the typed CRF emissions. The trainer owns the
-typed emission layer and ``HeadOutput`` has no channel for an emission prior, so here
-ESD shapes the shared encoder through its auxiliary loss only (multi-task learning).
+* UMT's conversion matrix (the authors' code: ``final = 0.5 * typed + 0.5 * esd @ W_tr``):
+  ``conversion_matrix`` builds the fixed (3, K) ``W_tr`` (O -> O with 1; B -> every
+  B-X/S-X and I -> every I-X/E-X with 1 / number of entity types, 0.25 for the four
+  Twitter types, as in the code); the head returns ``esd_logits @ W_tr`` as
+  ``HeadOutput.emission_prior`` with ``prior_weight = conversion_weight`` (0.5), so the
+  tagger's typed emissions become ``0.5 * E + 0.5 * prior`` in training and decoding.
+  The ESD branch therefore also runs at inference while the conversion is on.
 
 Ablation switches, one per component of the design above (the UMT paper is not in
 ../shared/papers, so its ablation table could not be checked row by row); each
 removes exactly its parameters and loss term: ``esd`` (False:
-no ESD branch, no ``esd`` loss), ``no_gate`` (``B = Q``), ``no_image_aware`` (``A = H``:
+no ESD branch, no ``esd`` loss, no conversion), ``conversion`` (False: ESD is a training-only
+auxiliary loss; no parameters to remove, the matrix is fixed), ``no_gate`` (``B = Q``), ``no_image_aware`` (``A = H``:
 no ``img2txt``/``txt2img_word`` layers), ``no_word_aware`` (no ``Q``, no gate, output
 ``A`` only, ``out_dim = D``).
 
@@ -248,6 +252,24 @@ def span_tag_map(label_names: tuple[str, ...] | list[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def conversion_matrix(label_names: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """UMT's fixed conversion from span tag scores to typed tag scores.
+
+    Row ``s`` spreads span tag ``s`` (``O``, ``B``, ``I``) over the typed tags it stands
+    for: ``O`` -> ``O`` with weight 1; ``B`` -> each ``B-X`` and ``S-X``, ``I`` -> each
+    ``I-X`` and ``E-X``, with weight 1 / (number of entity types).
+
+    Returns:
+        (3, K) float tensor, K = ``len(label_names)``.
+    """
+    spans = span_tag_map(label_names)
+    types = {n.split("-", 1)[1] for n in label_names if "-" in n}
+    w = torch.zeros(len(SPAN_TAGS), len(label_names))
+    w[spans, torch.arange(len(label_names))] = 1.0
+    w[1:] /= max(len(types), 1)
+    return w
+
+
 def compact_labelled(
     emissions: torch.Tensor, tags: torch.Tensor, labelled: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,6 +310,10 @@ class UMTConfig:
         esd: auxiliary entity span detection branch and loss.
         esd_weight: weight of the ESD loss (0.5 in the UMT code).
         esd_decoder: ``crf`` (the paper) or ``softmax`` (token cross-entropy).
+        conversion: mix the ESD scores, converted to typed tags, into the typed
+            emissions (UMT's conversion matrix; needs ``esd``).
+        conversion_weight: weight of the converted ESD scores (``1 - alpha``, 0.5 in
+            the UMT code).
         no_gate: drop the visual gate (eq. 17): ``B = Q``.
         no_image_aware: drop the image-aware word representation: ``A = H``.
         no_word_aware: drop the word-aware visual representation ``Q`` (and the gate).
@@ -299,6 +325,8 @@ class UMTConfig:
     esd: bool = True
     esd_weight: float = 0.5
     esd_decoder: Literal["crf", "softmax"] = "crf"
+    conversion: bool = True
+    conversion_weight: float = 0.5
     no_gate: bool = False
     no_image_aware: bool = False
     no_word_aware: bool = False
@@ -306,6 +334,8 @@ class UMTConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.conversion_weight <= 1.0:
+            raise ValueError(f"conversion_weight must be in [0, 1], got {self.conversion_weight}")
         if self.esd_weight < 0:
             raise ValueError(f"esd_weight must not be negative, got {self.esd_weight}")
         if self.ffn_dim is not None and self.ffn_dim < 1:
@@ -352,6 +382,7 @@ class UMTHead(FusionHead):
             if cfg.esd_decoder == "crf":
                 self.esd_crf = CRF(len(SPAN_TAGS), batch_first=True)
         self._tag_map: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._conv: tuple[tuple[str, ...], torch.Tensor] | None = None
 
     def forward(self, batch: HeadInput) -> HeadOutput:
         """Fuse the encoder states with the ResNet grid.
@@ -363,7 +394,8 @@ class UMTHead(FusionHead):
 
         Returns:
             ``hidden`` (B, T, out_dim); ``aux_losses["esd"]`` when ESD is on and labels
-            are given; ``diagnostics["umt_gate"]`` (B,) when the gate is on.
+            are given; ``emission_prior`` (B, T, K) and ``prior_weight`` when the
+            conversion is on; ``diagnostics["umt_gate"]`` (B,) when the gate is on.
         """
         mask = batch.token_mask.bool()
         B = mask.shape[0]
@@ -375,15 +407,20 @@ class UMTHead(FusionHead):
         out = HeadOutput(hidden=fused.hidden)
         if fused.gate is not None:
             out.diagnostics["umt_gate"] = mean_gate(fused.gate, mask)
-        if self.cfg.esd and batch.labels is not None:
-            out.aux_losses["esd"] = self.cfg.esd_weight * self._esd_loss(batch, mask)
+        convert = self.cfg.esd and self.cfg.conversion
+        if self.cfg.esd and (batch.labels is not None or convert):
+            # ESD's own text branch (UMT's second self-attention layer) -> B/I/O scores.
+            # float32: the CRF's log-sum-exp is sensitive to half precision under autocast.
+            logits = self.esd_classifier(self.esd_layer(batch.hidden, batch.hidden, mask)).float()  # (B, T, 3)
+            if batch.labels is not None:
+                out.aux_losses["esd"] = self.cfg.esd_weight * self._esd_loss(logits, batch)
+            if convert:
+                out.emission_prior = logits @ self._conversion(batch.label_names, logits.device)  # (B, T, K)
+                out.prior_weight = self.cfg.conversion_weight
         return out
 
-    def _esd_loss(self, batch: HeadInput, mask: torch.Tensor) -> torch.Tensor:
-        """Untyped B/I/O span detection loss on the text-only branch (mean over rows)."""
-        T_esd = self.esd_layer(batch.hidden, batch.hidden, mask)  # (B, T, D)
-        # float32: the CRF's log-sum-exp is sensitive to half precision under autocast.
-        logits = self.esd_classifier(T_esd).float()  # (B, T, 3)
+    def _esd_loss(self, logits: torch.Tensor, batch: HeadInput) -> torch.Tensor:
+        """Untyped B/I/O span detection loss (mean over rows) of (B, T, 3) ``logits``."""
         labels = batch.labels
         labelled = labels >= 0
         span = self._span_map(batch.label_names, labels.device)[labels.clamp(min=0)]  # (B, T)
@@ -394,6 +431,14 @@ class UMTHead(FusionHead):
             return logits.sum() * 0.0
         em, tags, m = compact_labelled(logits[rows], span[rows], labelled[rows])
         return -self.esd_crf(em, tags, mask=m, reduction="mean")
+
+    def _conversion(self, label_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        names = tuple(label_names)
+        if not names:
+            raise ValueError("UMT's conversion matrix needs HeadInput.label_names")
+        if self._conv is None or self._conv[0] != names or self._conv[1].device != device:
+            self._conv = (names, conversion_matrix(names).to(device))
+        return self._conv[1]
 
     def _span_map(self, label_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
         names = tuple(label_names)

@@ -1,0 +1,72 @@
+"""Extraction precision (autocast dtype per device) and the uint8 worker transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from mner.cache.reader import FeatureCache
+from mner.errors import CacheError
+from mner.extract import base
+from mner.extract.base import ByteTransform, resolve_precision
+from mner.extract.config import ExtractConfig
+from mner.extract.runner import run_extract
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_auto_precision_per_device(monkeypatch):
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
+    assert resolve_precision("auto", CPU) == "bf16"
+    assert resolve_precision("auto", CUDA) == "fp16"
+    monkeypatch.setattr(base, "cpu_has_bf16", lambda: False)
+    assert resolve_precision("auto", CPU) == "fp32"
+    for explicit in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(explicit, CPU) == explicit == resolve_precision(explicit, CUDA)
+
+
+def test_byte_transform_is_bit_identical_to_the_float_transform():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (61, 97, 3), dtype=np.uint8))
+    full = T.Compose([T.Resize(32, antialias=True), T.CenterCrop(32), T.ToTensor(),
+                      T.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))])
+    split = ByteTransform(full, CPU)
+    x = split(image)
+    assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+    assert torch.equal(split.normalize(x.unsqueeze(0))[0], full(image))
+    with pytest.raises(TypeError, match="ToTensor, Normalize"):
+        ByteTransform(T.Compose([T.Resize(32), T.ToTensor()]), CPU)
+
+
+def _images(d, n=3):
+    d.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((40, 50, 3), 40 * i + 20, np.uint8)).save(d / f"im{i}.png")
+    return d
+
+
+def test_precision_is_recorded_and_a_resume_in_another_precision_is_refused(tmp_path):
+    images = _images(tmp_path / "images")
+    out = tmp_path / "c.h5"
+    cfg = ExtractConfig(profile="tiny", features=("resnet",), precision="bf16", batch_size=2, workers=0)
+    run_extract(cfg, images, out=out, progress=False)
+    prov = FeatureCache(out).provenance
+    assert prov["extract_config"]["precision"] == "bf16"
+    bf16 = FeatureCache(out).load(["resnet/pooled"], ["im0", "im1", "im2"])[0]["resnet/pooled"]
+    (images / "im3.png").write_bytes((images / "im0.png").read_bytes())  # something to add
+    with pytest.raises(CacheError, match="precision bf16, this run resolves to fp32"):
+        run_extract(ExtractConfig(profile="tiny", features=("resnet",), precision="fp32"),
+                    images, out=out, progress=False)
+    fp32_out = tmp_path / "f.h5"
+    run_extract(ExtractConfig(profile="tiny", features=("resnet",), precision="fp32", workers=0),
+                images, out=fp32_out, progress=False)
+    fp32 = FeatureCache(fp32_out).load(["resnet/pooled"], ["im0", "im1", "im2"])[0]["resnet/pooled"]
+    a, b = bf16.astype(np.float32), fp32.astype(np.float32)
+    # bfloat16 arithmetic: close to float32, but not identical.
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(np.abs(b).max()))
