@@ -20,7 +20,8 @@ Usage::
 Without ``--data`` the sample dataset is generated (300/80/80 tweets) and its
 ResNet features extracted with the tiny profile into a temporary folder. Epoch times
 are extrapolated from the first ``--max-batches`` batches when given (the ratios do not
-depend on it); ``--base-batches`` does the same for the BERT-base rows (default 4).
+depend on it); ``--base-batches`` does the same for the BERT-base rows (default 8). Each
+configuration runs ``--repeat`` times, alternating with the others; medians are printed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -150,7 +152,8 @@ def main() -> None:
     ap.add_argument("--features", help="its tiny/paper cache with resnet/grid")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-batches", type=int, default=0)
-    ap.add_argument("--base-batches", type=int, default=4)
+    ap.add_argument("--base-batches", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="alternating rounds (medians printed)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -170,20 +173,33 @@ def main() -> None:
     def tiny():
         return encoders.build_tiny(words, seed=1)
 
-    res = {}
-    enc, tok = tiny()
-    res["a"] = epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.max_batches)
-    enc, tok = tiny()
-    res["b"] = epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches)
-    enc, tok = tiny()
-    res["c"] = epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches,
+    def run_tiny(key):
+        enc, tok = tiny()
+        if key == "a":
+            return epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.max_batches)
+        if key == "b":
+            return epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches)
+        return epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches,
                              hook_images=data / "images", dims={"resnet/grid": 2048})
+
     _, tok = tiny()
     base_cfg = BertConfig(vocab_size=max(len(tok), 30522))
-    for key, name in (("base_a", "bert_crf"), ("base_b", "umt")):
+
+    def run_base(key):
         torch.manual_seed(0)
         enc = BertModel(base_cfg, add_pooling_layer=False)
-        res[key] = epoch_seconds(name, enc, tok, tweets, cache, device, args.base_batches)
+        return epoch_seconds("bert_crf" if key == "base_a" else "umt", enc, tok, tweets, cache,
+                             device, args.base_batches)
+
+    # Alternate the configurations and keep each one's median over --repeat rounds, so
+    # a burst of other load on a shared machine hits one round, not one configuration.
+    # (c) is slow and its ratio far from the target: one round.
+    rounds: dict[str, list[tuple[float, float]]] = {}
+    for r in range(args.repeat):
+        for key in ("a", "b", "base_a", "base_b") + (("c",) if r == 0 else ()):
+            rounds.setdefault(key, []).append(run_base(key) if key.startswith("base") else run_tiny(key))
+    res = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+           for k, v in rounds.items()}
 
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch threads {args.threads}, "

@@ -315,3 +315,24 @@ def test_switches_are_set_from_the_command_line():
     head_cfg = cfg.head_config()
     assert isinstance(head_cfg, UMTConfig) and head_cfg.esd is False and head_cfg.no_gate is True
     assert cfg.head["esd_weight"] == 0.5  # defaults recorded in config.yaml
+
+
+def test_ffn_follows_the_encoder_unless_set():
+    from transformers import BertConfig, BertModel
+
+    from mner.train.config import make_train_config
+    from mner.train.data import TagSet
+    from mner.train.trainer import build_model
+
+    enc = BertModel(BertConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=48, vocab_size=50), add_pooling_layer=False)
+    dims = {"resnet/grid": DV, "resnet/pooled": DV}
+
+    def ffn(model, **over):
+        cfg = make_train_config({"model": model, "profile": "tiny", **over})
+        return build_model(cfg, 1, enc, TagSet("bio2"), dims).head
+
+    assert ffn("umt").text_layer.ffn[0].out_features == 48  # UMT's layers: the BERT config's
+    assert ffn("umt", head={"ffn_dim": 40}).text_layer.ffn[0].out_features == 40
+    assert ffn("maf").ci_ffn[0].out_features == 4 * D  # MAF's own FFN keeps its 4 D
+    assert make_head().text_layer.ffn[0].out_features == 4 * D  # no encoder: 4 D

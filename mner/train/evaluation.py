@@ -24,7 +24,7 @@ from mner.errors import ConfigError, DataError
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
 from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
-from mner.train.model import Tagger
+from mner.train.model import Tagger, build_head
 
 IMAGE_STATUSES = ("ok", "missing", "unreadable")
 
@@ -205,9 +205,7 @@ def load_run(run: Path, seed: int | None = None, device: str = "auto") -> Loaded
     provenance = json.loads(prov_path.read_text(encoding="utf-8")) if prov_path.exists() else {}
     tagset = TagSet.load(seed_dir / "labels.json")
     enc, tokenizer = encoders.load_saved(seed_dir / "encoder")
-    head_cls = cfg.head_class()
-    dims = provenance.get("feature_dims", {})
-    head = head_cls(cfg.head_config(), enc.config.hidden_size, dims)
+    head = build_head(cfg, enc, provenance.get("feature_dims", {}))
     model = Tagger(enc, head, tagset.names, cfg.dropout)
     missing, unexpected = load_model(model, str(seed_dir / "model.safetensors"), strict=False)
     if missing or unexpected:

@@ -10,12 +10,29 @@ BIO/BIOES constraint the CRF is there to learn, and Viterbi gives one tag per wo
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torchcrf import CRF
 
 from mner.train.data import Batch
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput
+
+
+def build_head(cfg, enc: nn.Module, feature_dims: dict) -> FusionHead:
+    """The head ``cfg`` (a ``TrainConfig``) names, sized for the encoder ``enc``.
+
+    Heads whose layers are BERT layers (``ffn_follows_encoder``) get the encoder's
+    intermediate size when their ``ffn_dim`` is None, as the papers' code builds them.
+    Training and reloading a run both build heads here, so the two always agree.
+    """
+    head_cls = cfg.head_class()
+    head_cfg = cfg.head_config()
+    inner = getattr(enc.config, "intermediate_size", None)
+    if head_cls.ffn_follows_encoder and inner and head_cfg.ffn_dim is None:
+        head_cfg = dataclasses.replace(head_cfg, ffn_dim=int(inner))
+    return head_cls(head_cfg, enc.config.hidden_size, feature_dims)
 
 
 class Tagger(nn.Module):

@@ -44,7 +44,7 @@ from mner.train.evaluation import (
     resolve_device,
     score_split,
 )
-from mner.train.model import Tagger, param_groups
+from mner.train.model import Tagger, build_head, param_groups
 
 STOP_ENV = "MNER_STOP_AFTER_EPOCH"
 
@@ -379,10 +379,9 @@ def make_optimizer(model: Tagger, cfg: TrainConfig) -> torch.optim.AdamW:
 
 def build_model(cfg: TrainConfig, seed: int, enc, tagset: TagSet, feature_dims: dict) -> Tagger:
     """Head + emissions + CRF on top of ``enc``, initialised from ``seed``."""
-    head_cls = cfg.head_class()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = head_cls(cfg.head_config(), enc.config.hidden_size, feature_dims)
+        head = build_head(cfg, enc, feature_dims)
         return Tagger(enc, head, tagset.names, cfg.dropout)
 
 

@@ -110,6 +110,10 @@ class FusionHead(nn.Module):
     needs_text_teacher: ClassVar[bool] = False
     default_scheme: ClassVar[str] = "bio2"
     Config: ClassVar[type] = NoConfig
+    #: The head's transformer layers are BERT layers built from the encoder's config (as
+    #: UMT's code builds them), so its ``Config.ffn_dim=None`` means the encoder's
+    #: intermediate size (the trainer fills it in; 3072 = 4 x 768 for BERT-base).
+    ffn_follows_encoder: ClassVar[bool] = False
 
     def __init__(self, cfg, text_dim: int, feature_dims: Mapping[str, int]):
         """Args:

@@ -79,7 +79,8 @@ class MGCConfig:
         kd_weight: beta in eq. 20 (not reported; 1.0).
         heads: attention heads of the output module; None keeps head size 64
             (12 at D=768, the paper's value).
-        ffn_dim: FFN inner size; None = 4 * D.
+        ffn_dim: FFN inner size; None = the encoder's intermediate size (4 * D
+            when the head is built without an encoder).
         dropout: dropout in the output module's transformer layers.
         no_kd: ablation -KD: no knowledge distillation from the CLIP text teacher.
         no_contrastive: ablation -Contra.: no global/local contrastive losses.
@@ -122,6 +123,7 @@ class MGCHead(FusionHead):
     needs_text_teacher = True
     default_scheme = "bio2"
     Config = MGCConfig
+    ffn_follows_encoder = True  # UMT's output module, built from the BERT config
 
     @classmethod
     def required_features(cls, cfg: MGCConfig) -> tuple[str, ...]:

@@ -100,9 +100,9 @@ class TransformerLayer(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
-        )
+        # BERT's FFN (BertIntermediate + BertOutput), which UMT's layers reuse: no dropout
+        # between the two linear layers, only on the output before the residual.
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
         self.norm2 = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
@@ -305,7 +305,9 @@ class UMTConfig:
 
     Attributes:
         heads: attention heads; None keeps BERT's head size 64 (12 at D=768).
-        ffn_dim: FFN inner size of every transformer layer; None = 4 * D (BERT's 3072).
+        ffn_dim: FFN inner size of every transformer layer; None = the encoder's
+            intermediate size (UMT builds its layers from the BERT config: 3072 for
+            BERT-base), or 4 * D when the head is built without an encoder.
         dropout: dropout in the transformer layers (BERT's 0.1).
         esd: auxiliary entity span detection branch and loss.
         esd_weight: weight of the ESD loss (0.5 in the UMT code).
@@ -356,6 +358,7 @@ class UMTHead(FusionHead):
     needs = ("resnet/grid",)
     default_scheme = "bio2"
     Config = UMTConfig
+    ffn_follows_encoder = True
 
     def __init__(self, cfg: UMTConfig, text_dim: int, feature_dims: Mapping[str, int]):
         super().__init__(cfg, text_dim, feature_dims)
