@@ -166,6 +166,30 @@ def test_resume_after_interruption_matches_uninterrupted_run(
         train_run(_cfg(encoder_dir, "lr_head=0.5"), sample_dir, None, out, resume=True)
 
 
+def test_overwrite_replaces_only_the_run_and_threads_apply_during_training(
+    run, sample_dir, encoder_dir, tmp_path, monkeypatch
+):
+    out = tmp_path / "again"
+    out.mkdir()
+    for name in ("seed_1", "seed_2"):
+        (out / name / "checkpoint").mkdir(parents=True)  # a previous run's leftovers
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="--overwrite"):
+        train_run(_cfg(encoder_dir), sample_dir, None, out)
+    with pytest.raises(Exception, match="pass one"):
+        train_run(_cfg(encoder_dir), sample_dir, None, out, resume=True, overwrite=True)
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    before = torch.get_num_threads()
+    summary = train_run(_cfg(encoder_dir, "seeds=[1]", "threads=1"), sample_dir, None, out,
+                        overwrite=True)
+    assert seen == [1, before] and torch.get_num_threads() == before
+    assert sorted(p.name for p in out.glob("seed_*")) == ["seed_1"]  # seed_2 is gone
+    assert (out / "notes.txt").read_text() == "mine"
+    assert summary["seeds"] == [1] and (out / "seed_1" / "model.safetensors").is_file()
+
+
 def test_cache_mismatches_stop_with_one_line(sample_dir, tiny_cache, tmp_path):
     cfg = make_train_config({"model": "umt", "profile": "tiny"}, ["epochs=1"])
     with pytest.raises(CacheError, match="pass --features"):

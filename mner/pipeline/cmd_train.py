@@ -43,6 +43,7 @@ def train(
     encoder: Annotated[str | None, typer.Option("--encoder", help="HF name or local folder of the encoder")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="comma-separated seeds, one run each")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --out")] = False,
     params: ParamsOpt = None,
     override: OverrideOpt = None,
 ) -> None:
@@ -62,7 +63,7 @@ def train(
         seeds=_seeds(seeds),
     )
     src = data[0] if len(data) == 1 else data
-    result = train_run(cfg, src, features, out, resume=resume)
+    result = train_run(cfg, src, features, out, resume=resume, overwrite=overwrite)
     s = result["summary"]
     line = f"{cfg.model}: dev F1 {s['dev']['overall']['f1']['mean']:.2f}"
     if s["test"] is not None:

@@ -87,6 +87,9 @@ class TrainConfig:
             ``fp16``, ``bf16`` or ``off``. Always off on CPU.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
         num_workers: DataLoader worker processes (0 loads batches in the main process).
+        threads: torch intra-op threads while training (restored after); None leaves
+            torch's setting. On a busy or shared CPU (several DVC stages at once) 1 per
+            run is often much faster than competing for every core.
         bucket_size: length bucketing: sort windows by length within chunks of
             ``bucket_size * batch_size`` before cutting batches, so padding is small.
         dataset_name: name recorded in provenance.json; default the data folder's name.
@@ -113,6 +116,7 @@ class TrainConfig:
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
     device: str = "auto"
     num_workers: int = 0
+    threads: int | None = None
     bucket_size: int = 8
     dataset_name: str | None = None
     head: dict[str, Any] = field(default_factory=dict)
@@ -128,6 +132,8 @@ class TrainConfig:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.patience < 0 or self.num_workers < 0:
             raise ValueError("patience and num_workers must not be negative")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed, e.g. seeds=[1]")
         if len(set(self.seeds)) != len(self.seeds):

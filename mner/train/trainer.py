@@ -280,6 +280,7 @@ def train_run(
     features: str | Path | None = None,
     out: str | Path = "runs/run",
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Train one model per seed and write the run folder (see ARCHITECTURE.md).
 
@@ -290,10 +291,22 @@ def train_run(
         out: the run folder.
         resume: continue an interrupted run from its checkpoints (the config must
             match the one recorded in ``out/config.yaml``).
+        overwrite: replace a run already in ``out`` (its seed folders and results).
 
     Returns:
         The contents of ``out/metrics.json``.
     """
+    if cfg.threads is None:
+        return _train_run(cfg, data, features, out, resume, overwrite)
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train_run(cfg, data, features, out, resume, overwrite)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: bool) -> dict:
     from mner.data.dataset import load_splits
 
     out = Path(out)
@@ -303,7 +316,7 @@ def train_run(
         if not splits.get(need):
             raise DataError(f"{data}: no {need} split (train.txt and valid.txt or dev.txt are needed)")
     cache, needs = open_cache(cfg, features)
-    _prepare_out(cfg, out, resume)
+    _prepare_out(cfg, out, resume, overwrite)
     data_dir = Path(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else Path(splits["train"][0].source).parent
     _write_provenance(cfg, out, splits, data_dir, cache, needs)
 
@@ -315,21 +328,35 @@ def train_run(
     return summary
 
 
-def _prepare_out(cfg: TrainConfig, out: Path, resume: bool) -> None:
+#: What ``mner train`` writes in a run folder (``--overwrite`` removes exactly these).
+RUN_FILES = ("config.yaml", "provenance.json", "metrics.json")
+
+
+def _prepare_out(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool = False) -> None:
     cfg_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     path = out / "config.yaml"
-    if path.exists():
+    if overwrite and resume:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one")
+    if overwrite and out.is_dir():
+        # Only what mner train wrote: anything else the user keeps there stays.
+        for seed_dir in out.glob("seed_*"):
+            if seed_dir.is_dir():
+                shutil.rmtree(seed_dir)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+    if not resume and (any(out.glob("seed_*/checkpoint")) or (out / "metrics.json").exists()):
+        raise ConfigError(
+            f"{out}: already holds a run; pass --resume to continue it, --overwrite to replace "
+            "it, or choose another --out"
+        )
+    if resume and path.exists():
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
         new = to_dict(cfg)
-        if resume and old != new:
+        if old != new:
             diff = next(k for k in new if old.get(k) != new[k])
             raise ConfigError(
                 f"{path}: --resume with a different config ({diff}: {old.get(diff)!r} before, "
                 f"{new[diff]!r} now); use a new --out or the same settings"
-            )
-        if not resume and any(out.glob("seed_*/checkpoint")):
-            raise ConfigError(
-                f"{out}: already holds a run; pass --resume to continue it or choose another --out"
             )
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(cfg_yaml, encoding="utf-8")
