@@ -246,3 +246,32 @@ def test_cli_models_evaluate_predict_and_errors(run, sample_dir, tmp_path, monke
     code, _, err = _cli(monkeypatch, capsys, "train", "--data", str(sample_dir), "--out",
                         str(tmp_path / "y"), "--params", str(params))
     assert code == 2 and "epochs" in err and "expected int" in err
+
+
+def test_optimizer_is_fused_adamw_and_steps_like_foreach():
+    from transformers import BertConfig, BertModel
+
+    from mner.train.data import TagSet
+    from mner.train.model import param_groups
+    from mner.train.trainer import build_model, make_optimizer
+
+    cfg = make_train_config({"model": "bert_crf", "profile": "tiny"})
+    steps = []
+    for fused in (True, False):
+        enc = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64, vocab_size=40), add_pooling_layer=False)
+        torch.manual_seed(0)
+        enc.apply(enc._init_weights)
+        model = build_model(cfg, 1, enc, TagSet("bio2"), {})
+        opt = make_optimizer(model, cfg)
+        if fused:
+            assert opt.defaults["fused"] is True  # CPU has PyTorch's fused AdamW kernel
+        else:
+            opt = torch.optim.AdamW(param_groups(model, cfg.lr_encoder, cfg.lr_head, cfg.weight_decay),
+                                    foreach=True)
+            assert not opt.defaults["fused"]
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.01)
+        opt.step()
+        steps.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(steps[0], steps[1])

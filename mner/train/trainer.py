@@ -394,14 +394,18 @@ def _version() -> str:
 
 
 def make_optimizer(model: Tagger, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`.
+    """AdamW over :func:`param_groups`, with PyTorch's fused kernel where there is one.
 
-    ``foreach=True`` updates all tensors of a group in a few batched kernels; on CPU
-    PyTorch otherwise loops over tensors one by one, which made the optimizer step of
-    a tiny run cost as much as its forward pass.
+    The fused kernel (CPU and CUDA) updates every tensor in one pass: for BERT-base on a
+    2-core CPU its step took 70-100 ms against 500 ms for ``foreach=True``, itself far
+    faster than the default per-tensor loop. Devices without a fused kernel get
+    ``foreach``. Build the optimizer after moving the model to its device.
     """
     groups = param_groups(model, cfg.lr_encoder, cfg.lr_head, cfg.weight_decay)
-    return torch.optim.AdamW(groups, foreach=True)
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, ValueError):  # no fused AdamW for this device or dtype
+        return torch.optim.AdamW(groups, foreach=True)
 
 
 def build_model(cfg: TrainConfig, seed: int, enc, tagset: TagSet, feature_dims: dict) -> Tagger:
