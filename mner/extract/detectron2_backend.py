@@ -67,6 +67,7 @@ from mner.errors import ConfigError, DataError, WeightsError
 from mner.extract import weights as W
 from mner.extract.base import Extractor, freeze
 from mner.extract.config import ExtractConfig
+from mner.extract.objects import pad_detections
 from mner.provenance import sha256_file
 
 #: Model-zoo config used when ``d2_config`` is not set.
@@ -499,21 +500,7 @@ class Detectron2Extractor(Extractor):
         Returns:
             The padded ``objects`` arrays (see class docstring).
         """
-        o, b = self.cfg.max_objects, len(images)
-        out = {"boxes": np.zeros((b, o, 4), np.float32), "boxes_norm": np.zeros((b, o, 4), np.float32),
-               "scores": np.zeros((b, o), np.float32), "labels": np.zeros((b, o), np.int32),
-               "features": np.zeros((b, o, self.region_dim), np.float32),
-               "count": np.zeros((b,), np.int32)}
-        for i, (im, det) in enumerate(zip(images, self._run(images), strict=True)):
-            n = min(len(det["scores"]), o)
-            h, w = im.shape[-2:]
-            out["boxes"][i, :n] = det["boxes"][:n]
-            out["boxes_norm"][i, :n] = det["boxes"][:n] / np.array([w, h, w, h], np.float32)
-            out["scores"][i, :n] = det["scores"][:n]
-            out["labels"][i, :n] = det["labels"][:n]
-            out["features"][i, :n] = det["features"][:n] * self.scale
-            out["count"][i] = n
-        return out
+        return pad_detections(images, self._run(images), self.cfg.max_objects, self.region_dim, self.scale)
 
     def dims(self) -> dict[str, int]:
         return {"O": self.cfg.max_objects, "Do": self.region_dim}

@@ -83,6 +83,38 @@ def detectron2_detector(cfg: ExtractConfig, device: torch.device) -> Any:
     return Detectron2Extractor(cfg, device)
 
 
+def pad_detections(images: list[torch.Tensor], dets: list[dict[str, np.ndarray]], o: int,
+                   region_dim: int, scale: float) -> dict[str, np.ndarray]:
+    """The padded ``objects`` arrays of a batch from per-image detections (best first).
+
+    Args:
+        images: B tensors (3, H_b, W_b), for the sizes that normalise the boxes.
+        dets: per image ``boxes`` (N, 4) xyxy pixels, ``scores`` (N,), ``labels`` (N,),
+            ``features`` (N, Do).
+        o: O, detections kept per image.
+        region_dim: Do.
+        scale: Factor applied to the region features (``output_scale``).
+
+    Returns:
+        ``boxes`` (B, O, 4), ``boxes_norm`` (B, O, 4), ``scores`` (B, O), ``labels``
+        (B, O) int32, ``features`` (B, O, Do), ``count`` (B,); zeros past ``count``.
+    """
+    b = len(images)
+    out = {"boxes": np.zeros((b, o, 4), np.float32), "boxes_norm": np.zeros((b, o, 4), np.float32),
+           "scores": np.zeros((b, o), np.float32), "labels": np.zeros((b, o), np.int32),
+           "features": np.zeros((b, o, region_dim), np.float32), "count": np.zeros((b,), np.int32)}
+    for i, (im, det) in enumerate(zip(images, dets, strict=True)):
+        n = min(len(det["scores"]), o)
+        h, w = im.shape[-2:]
+        out["boxes"][i, :n] = det["boxes"][:n]
+        out["boxes_norm"][i, :n] = det["boxes"][:n] / np.array([w, h, w, h], np.float32)
+        out["scores"][i, :n] = det["scores"][:n]
+        out["labels"][i, :n] = det["labels"][:n]
+        out["features"][i, :n] = det["features"][:n] * scale
+        out["count"][i] = n
+    return out
+
+
 def build_detector(cfg: ExtractConfig, device: torch.device) -> Any:
     """The detector ``cfg.detector`` names: an :class:`ObjectExtractor` (torchvision) or
     the detectron2 backend's extractor, which has the same interface."""
@@ -200,22 +232,7 @@ class ObjectExtractor(Extractor):
         Returns:
             The padded ``objects`` arrays (see class docstring).
         """
-        o = self.cfg.max_objects
-        b = len(images)
-        out = {"boxes": np.zeros((b, o, 4), np.float32), "boxes_norm": np.zeros((b, o, 4), np.float32),
-               "scores": np.zeros((b, o), np.float32), "labels": np.zeros((b, o), np.int32),
-               "features": np.zeros((b, o, self.region_dim), np.float32),
-               "count": np.zeros((b,), np.int32)}
-        for i, (im, det) in enumerate(zip(images, self._run(images), strict=True)):
-            n = min(len(det["scores"]), o)
-            h, w = im.shape[-2:]
-            out["boxes"][i, :n] = det["boxes"][:n]
-            out["boxes_norm"][i, :n] = det["boxes"][:n] / np.array([w, h, w, h], np.float32)
-            out["scores"][i, :n] = det["scores"][:n]
-            out["labels"][i, :n] = det["labels"][:n]
-            out["features"][i, :n] = det["features"][:n] * self.scale
-            out["count"][i] = n
-        return out
+        return pad_detections(images, self._run(images), self.cfg.max_objects, self.region_dim, self.scale)
 
     def dims(self) -> dict[str, int]:
         return {"O": self.cfg.max_objects, "Do": self.region_dim}
