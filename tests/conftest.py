@@ -7,6 +7,7 @@ once; tests that need them take ``sample_dir`` / ``tiny_cache`` as arguments.
 from __future__ import annotations
 
 import os
+import sys
 
 # Before torch/transformers are imported anywhere: never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,6 +20,24 @@ import pytest  # noqa: E402
 # Small enough for the suite to stay fast, large enough for the heads to learn the
 # image-dependent types.
 SAMPLE_SIZES = {"train": 300, "valid": 80, "test": 80}
+
+
+@pytest.fixture
+def mner_cli(monkeypatch, capsys):
+    """Run ``mner ARGS`` in-process: ``mner_cli(*args) -> (exit code, stdout, stderr)``."""
+    from mner.pipeline import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["mner", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
 @pytest.fixture(scope="session")

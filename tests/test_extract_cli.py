@@ -3,28 +3,16 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mner.cache.reader import FeatureCache
-from mner.pipeline import cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def run_cli(monkeypatch, capsys, *args):
-    """Run ``mner ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["mner", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
@@ -38,12 +26,12 @@ def images(tmp_path):
     return d
 
 
-def test_extract_params_flags_and_overrides(tmp_path, images, monkeypatch, capsys):
+def test_extract_params_flags_and_overrides(tmp_path, images, mner_cli):
     params = tmp_path / "params.yaml"
     params.write_text("extract:\n  profile: tiny\n  features: [resnet, objects]\n  max_objects: 4\n"
                       "  workers: 0\n")
     out = tmp_path / "c.h5"
-    code, stdout, stderr = run_cli(monkeypatch, capsys, "extract", "--images", images, "--out", out,
+    code, stdout, stderr = mner_cli("extract", "--images", images, "--out", out,
                                    "--params", params, "--device", "cpu", "--quiet",
                                    "-o", "max_objects=5", "--batch-size", "2")
     assert code == 0, stderr
@@ -54,9 +42,9 @@ def test_extract_params_flags_and_overrides(tmp_path, images, monkeypatch, capsy
                               "objects/scores", "objects/labels", "objects/features", "objects/count"}
     assert cache.shape("objects/boxes") == (4, 5, 4)  # -o wins over params.yaml
 
-    code, stdout, _ = run_cli(monkeypatch, capsys, "inspect", out)
+    code, stdout, _ = mner_cli("inspect", out)
     assert code == 0 and "profile tiny" in stdout and "objects/boxes" in stdout and "ok 3" in stdout
-    code, stdout, _ = run_cli(monkeypatch, capsys, "inspect", out, "--json")
+    code, stdout, _ = mner_cli("inspect", out, "--json")
     info = json.loads(stdout)
     assert info["status"] == {"ok": 3, "empty": 1}
     assert info["datasets"]["objects/boxes"]["shape"] == [4, 5, 4]
@@ -68,19 +56,19 @@ def test_extract_params_flags_and_overrides(tmp_path, images, monkeypatch, capsy
     (["-o", "features=resnet,nope"], "unknown feature nope"),
     (["--images", "/nonexistent/dir"], "/nonexistent/dir: no such images folder"),
 ])
-def test_user_errors_are_one_line(tmp_path, images, monkeypatch, capsys, args, message):
+def test_user_errors_are_one_line(tmp_path, images, args, message, mner_cli):
     base = ["extract", "--images", images, "--out", tmp_path / "c.h5", "--profile", "tiny"]
-    code, _, stderr = run_cli(monkeypatch, capsys, *base, *args)
+    code, _, stderr = mner_cli(*base, *args)
     assert code == 2
     assert stderr.startswith("error: ") and message in stderr
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
 
 
-def test_data_takes_several_files(tmp_path, images, monkeypatch, capsys):
+def test_data_takes_several_files(tmp_path, images, mner_cli):
     for name, img in (("train.txt", "i0"), ("test.txt", "i2")):
         (tmp_path / name).write_text(f"IMGID:{img}\nRome\tB-LOC\n\n", encoding="utf-8")
     out = tmp_path / "c.h5"
-    code, stdout, stderr = run_cli(monkeypatch, capsys, "extract", "--images", images, "--data",
+    code, stdout, stderr = mner_cli("extract", "--images", images, "--data",
                                    tmp_path / "train.txt", tmp_path / "test.txt", "--out", out,
                                    "--profile", "tiny", "--features", "resnet", "--quiet",
                                    "--device", "cpu", "--workers", "0")
@@ -88,14 +76,14 @@ def test_data_takes_several_files(tmp_path, images, monkeypatch, capsys):
     assert FeatureCache(out).image_ids == ["i0", "i2"]
 
 
-def test_params_file_errors_name_the_file(tmp_path, images, monkeypatch, capsys):
+def test_params_file_errors_name_the_file(tmp_path, images, mner_cli):
     params = tmp_path / "params.yaml"
     params.write_text("extract:\n  batchsize: 3\n")
-    code, _, stderr = run_cli(monkeypatch, capsys, "extract", "--images", images, "--out",
+    code, _, stderr = mner_cli("extract", "--images", images, "--out",
                               tmp_path / "c.h5", "--params", params)
     assert code == 2 and f"{params}:extract: unknown key batchsize" in stderr
 
 
-def test_inspect_missing_file(tmp_path, monkeypatch, capsys):
-    code, _, stderr = run_cli(monkeypatch, capsys, "inspect", tmp_path / "none.h5")
+def test_inspect_missing_file(tmp_path, mner_cli):
+    code, _, stderr = mner_cli("inspect", tmp_path / "none.h5")
     assert code == 2 and "none.h5: no such cache" in stderr

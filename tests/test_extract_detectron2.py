@@ -23,7 +23,6 @@ from mner.extract.detectron2_backend import read_class_names
 from mner.extract.objects import build_detector
 from mner.extract.relations import relation_matrix
 from mner.extract.runner import run_extract
-from mner.pipeline import cli
 from mner.pipeline.config import build
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -262,18 +261,9 @@ def test_checkpoint_loading_and_weight_errors(fpn, images, tmp_path, monkeypatch
         build_detector(d2cfg(d2_config="COCO-Detection/retinanet_R_50_FPN_3x.yaml"), CPU)
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["mner", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_mner_extract_end_to_end(fpn, images, tmp_path, monkeypatch, capsys):
+def test_mner_extract_end_to_end(fpn, images, tmp_path, mner_cli):
     from mner.extract.api import extract_arrays
 
     d = tmp_path / "images"
@@ -281,12 +271,11 @@ def test_mner_extract_end_to_end(fpn, images, tmp_path, monkeypatch, capsys):
     for name, im in images.items():
         im.save(d / f"{name}.png")
     out = tmp_path / "d2.h5"
-    code, stdout, stderr = run_cli(
-        monkeypatch, capsys, "extract", "--images", d, "--out", out, "--profile", "tiny",
+    code, stdout, stderr = mner_cli("extract", "--images", d, "--out", out, "--profile", "tiny",
         "--device", "cpu", "--features", "objects,relations", "--workers", "0", "--quiet",
         "-o", "detector=detectron2", "-o", "max_objects=6", "-o", "precision=fp32")
     assert code == 0, stderr
-    code, stdout, _ = run_cli(monkeypatch, capsys, "inspect", out, "--json")
+    code, stdout, _ = mner_cli("inspect", out, "--json")
     assert code == 0
     assert f"detectron2:{FPN}" in stdout and "objects/features" in stdout
 

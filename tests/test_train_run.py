@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 
 import h5py
 import numpy as np
@@ -208,42 +207,31 @@ def test_cache_mismatches_stop_with_one_line(sample_dir, tiny_cache, tmp_path):
         train_run(cfg, sample_dir, lacking, tmp_path / "c")
 
 
-def _cli(monkeypatch, capsys, *args):
-    from mner.pipeline import cli
-
-    monkeypatch.setattr(sys, "argv", ["mner", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
-def test_cli_models_evaluate_predict_and_errors(run, sample_dir, tmp_path, monkeypatch, capsys):
-    code, out, _ = _cli(monkeypatch, capsys, "models")
+def test_cli_models_evaluate_predict_and_errors(run, sample_dir, tmp_path, mner_cli):
+    code, out, _ = mner_cli("models")
     lines = out.strip().splitlines()
     assert code == 0 and any(line.startswith("umt ") and "resnet/grid" in line for line in lines)
     assert any(line.startswith("bert_crf ") and "features: none" in line for line in lines)
 
-    code, out, _ = _cli(monkeypatch, capsys, "evaluate", "--run", str(run), "--data",
+    code, out, _ = mner_cli("evaluate", "--run", str(run), "--data",
                         str(sample_dir / "test.txt"), "--seed", "1", "--json", "--device", "cpu")
     m = json.loads((run / "seed_1" / "metrics.json").read_text())
     assert code == 0 and json.loads(out) == m["test"]
 
-    code, out, _ = _cli(monkeypatch, capsys, "predict", "--run", str(run), "--input",
+    code, out, _ = mner_cli("predict", "--run", str(run), "--input",
                         str(sample_dir / "test.txt"), "--json", "--device", "cpu")
     rows = [json.loads(x) for x in out.strip().splitlines()]
     assert code == 0 and len(rows) == len(read_conll(sample_dir / "test.txt"))
 
-    code, _, err = _cli(monkeypatch, capsys, "train", "--data", str(sample_dir), "--out",
+    code, _, err = mner_cli("train", "--data", str(sample_dir), "--out",
                         str(tmp_path / "x"), "--profile", "tiny", "-o", "epochz=3")
     assert code == 2 and err.startswith("error: ") and "epochz" in err and err.count("\n") == 1
 
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  model: bert_crf\n  profile: tiny\n  epochs: two\n")
-    code, _, err = _cli(monkeypatch, capsys, "train", "--data", str(sample_dir), "--out",
+    code, _, err = mner_cli("train", "--data", str(sample_dir), "--out",
                         str(tmp_path / "y"), "--params", str(params))
     assert code == 2 and "epochs" in err and "expected int" in err
 
