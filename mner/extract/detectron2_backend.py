@@ -60,14 +60,12 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
 
 from mner.errors import ConfigError, DataError, WeightsError
 from mner.extract import weights as W
-from mner.extract.base import Extractor, freeze
+from mner.extract.base import freeze
 from mner.extract.config import ExtractConfig
-from mner.extract.objects import pad_detections
+from mner.extract.objects import Detector
 from mner.provenance import sha256_file
 
 #: Model-zoo config used when ``d2_config`` is not set.
@@ -136,7 +134,7 @@ def _config_sha256(d2cfg: Any) -> str:
     return hashlib.sha256(d2cfg.dump().encode()).hexdigest()
 
 
-class Detectron2Extractor(Extractor):
+class Detectron2Extractor(Detector):
     """A detectron2 R-CNN as the ``objects`` extractor; interface of ``ObjectExtractor``.
 
     Output arrays of ``__call__`` (O = ``max_objects``, padded with zeros past ``count``):
@@ -203,7 +201,7 @@ class Detectron2Extractor(Extractor):
         model.to(device)
         self.scale = 1.0
         if cfg.profile == "tiny":
-            self.scale = self._calibrate()
+            self.scale = self._calibrate(synthetic_image())
 
     # -- building -------------------------------------------------------------------
 
@@ -414,22 +412,7 @@ class Detectron2Extractor(Extractor):
             raise ConfigError(f"d2_config {self.config_name}: ROI_HEADS.NAME {type(rh).__name__} "
                               "is not supported; use StandardROIHeads (FPN) or Res5ROIHeads (C4)")
 
-    def _calibrate(self) -> float:
-        """Fixed scale putting random region features near unit size (float16-safe).
-
-        Computed on a fixed synthetic image, so it is a pure function of the weights;
-        recorded in the group's ``output_scale`` attribute.
-        """
-        feats = self._run([synthetic_image()])[0]["features"]
-        std = float(np.asarray(feats).std()) or 1.0
-        return float(f"{1.0 / std:.4g}")
-
     # -- running --------------------------------------------------------------------
-
-    @staticmethod
-    def preprocess(image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> (3, H, W) uint8 tensor (resized in ``__call__``, as detectron2 does)."""
-        return pil_to_tensor(image)
 
     def _input(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 RGB -> (3, H', W') float32 in ``INPUT.FORMAT``, test-resized."""
@@ -490,20 +473,6 @@ class Detectron2Extractor(Extractor):
             out.append({"boxes": b.tensor.numpy()[keep], "scores": d.scores.float().cpu().numpy()[keep],
                         "labels": d.pred_classes.cpu().numpy()[keep], "features": r.numpy()[keep]})
         return out
-
-    def __call__(self, images: list[torch.Tensor]) -> dict[str, np.ndarray]:
-        """Detect and pool a batch.
-
-        Args:
-            images: B tensors (3, H_b, W_b) uint8 RGB, original resolution.
-
-        Returns:
-            The padded ``objects`` arrays (see class docstring).
-        """
-        return pad_detections(images, self._run(images), self.cfg.max_objects, self.region_dim, self.scale)
-
-    def dims(self) -> dict[str, int]:
-        return {"O": self.cfg.max_objects, "Do": self.region_dim}
 
     def attrs(self) -> dict[str, Any]:
         c = self.d2cfg

@@ -123,15 +123,56 @@ def build_detector(cfg: ExtractConfig, device: torch.device) -> Any:
     return ObjectExtractor(cfg, device)
 
 
-class ObjectExtractor(Extractor):
-    """Runs the detector; returns the ``objects`` datasets and the raw detections.
+class Detector(Extractor):
+    """What every ``objects`` backend shares; subclasses implement ``_run`` and ``attrs``.
 
-    Output arrays (O = ``max_objects``, padded with zeros past ``count``):
-    ``boxes`` (B, O, 4) xyxy pixels, ``boxes_norm`` (B, O, 4), ``scores`` (B, O),
-    ``labels`` (B, O) int32, ``features`` (B, O, Do), ``count`` (B,).
+    ``_run(images)`` returns per image ``boxes`` (N, 4) xyxy pixels, ``scores``,
+    ``labels`` and ``features`` (N, Do), best first; ``__call__`` pads them to the
+    ``objects`` arrays (O = ``max_objects``, zeros past ``count``): ``boxes`` (B, O, 4),
+    ``boxes_norm`` (B, O, 4), ``scores`` (B, O), ``labels`` (B, O) int32, ``features``
+    (B, O, Do), ``count`` (B,). Subclasses set ``arch``, ``region_dim`` and ``scale``.
     """
 
     group = "objects"
+    arch: str = ""
+    region_dim: int = 0
+    scale: float = 1.0
+
+    @staticmethod
+    def preprocess(image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, H, W) uint8 tensor (the backend resizes it itself)."""
+        return pil_to_tensor(image)
+
+    def _run(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def _calibrate(self, image: torch.Tensor) -> float:
+        """Fixed scale putting random region features near unit size (float16-safe).
+
+        Computed on a fixed synthetic ``image``, so it is a pure function of the weights;
+        recorded in the group's ``output_scale`` attribute.
+        """
+        feats = self._run([image])[0]["features"]
+        std = float(np.asarray(feats).std()) or 1.0
+        return float(f"{1.0 / std:.4g}")
+
+    def __call__(self, images: list[torch.Tensor]) -> dict[str, np.ndarray]:
+        """Detect and pool a batch.
+
+        Args:
+            images: B tensors (3, H_b, W_b) uint8 RGB, original resolution.
+
+        Returns:
+            The padded ``objects`` arrays (see the class docstring).
+        """
+        return pad_detections(images, self._run(images), self.cfg.max_objects, self.region_dim, self.scale)
+
+    def dims(self) -> dict[str, int]:
+        return {"O": self.cfg.max_objects, "Do": self.region_dim}
+
+
+class ObjectExtractor(Detector):
+    """torchvision's Faster / Mask R-CNN as the ``objects`` extractor (see :class:`Detector`)."""
 
     def __init__(self, cfg: ExtractConfig, device: torch.device):
         super().__init__(cfg, device)
@@ -167,24 +208,8 @@ class ObjectExtractor(Extractor):
                            if cfg.region_pool == "box_head" else self.out_channels)
         self.scale = 1.0
         if cfg.profile == "tiny":
-            self.scale = self._calibrate()
-
-    def _calibrate(self) -> float:
-        """Fixed scale putting random region features near unit size (float16-safe).
-
-        Computed on a fixed synthetic image, so it is a pure function of the weights;
-        recorded in the group's ``output_scale`` attribute.
-        """
-        g = torch.Generator().manual_seed(0)
-        img = (torch.rand(3, 240, 320, generator=g) * 255).to(torch.uint8)
-        feats = self._run([img])[0]["features"]
-        std = float(np.asarray(feats).std()) or 1.0
-        return float(f"{1.0 / std:.4g}")
-
-    @staticmethod
-    def preprocess(image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> (3, H, W) uint8 tensor (the detector resizes it itself)."""
-        return pil_to_tensor(image)
+            g = torch.Generator().manual_seed(0)
+            self.scale = self._calibrate((torch.rand(3, 240, 320, generator=g) * 255).to(torch.uint8))
 
     def _run(self, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
         # Images are batched only with images of the same size: the detector pads a
@@ -222,20 +247,6 @@ class ObjectExtractor(Extractor):
         return [{"boxes": d["boxes"].float().cpu().numpy(), "scores": d["scores"].float().cpu().numpy(),
                  "labels": d["labels"].cpu().numpy(), "features": r.numpy()}
                 for d, r in zip(dets, region, strict=True)]
-
-    def __call__(self, images: list[torch.Tensor]) -> dict[str, np.ndarray]:
-        """Detect and pool a batch.
-
-        Args:
-            images: B tensors (3, H_b, W_b) uint8, original resolution.
-
-        Returns:
-            The padded ``objects`` arrays (see class docstring).
-        """
-        return pad_detections(images, self._run(images), self.cfg.max_objects, self.region_dim, self.scale)
-
-    def dims(self) -> dict[str, int]:
-        return {"O": self.cfg.max_objects, "Do": self.region_dim}
 
     def attrs(self) -> dict[str, Any]:
         return {
