@@ -70,3 +70,18 @@ def test_precision_is_recorded_and_a_resume_in_another_precision_is_refused(tmp_
     # bfloat16 arithmetic: close to float32, but not identical.
     assert not np.array_equal(a, b)
     np.testing.assert_allclose(a, b, rtol=0.1, atol=0.05 * float(np.abs(b).max()))
+
+
+def test_caches_from_before_precision_reproduce_their_old_rule():
+    from mner.extract.api import config_from_provenance
+    from mner.extract.base import recorded_precision
+
+    assert recorded_precision({"precision": "bf16"}, CPU) == "bf16"
+    # older caches recorded amp: fp16 autocast on CUDA only
+    assert recorded_precision({"amp": True}, CPU) == "fp32"
+    assert recorded_precision({"amp": True}, CUDA) == "fp16"
+    assert recorded_precision({"amp": False}, CUDA) == "fp32"
+    old = {"extract_config": {"profile": "tiny", "amp": True, "max_objects": 15}, "resnet": {}}
+    assert config_from_provenance(old, ["resnet"]).precision == "fp32"
+    new = {"extract_config": {"profile": "tiny", "precision": "bf16"}, "resnet": {}}
+    assert config_from_provenance(new, ["resnet"]).precision == "bf16"

@@ -10,7 +10,7 @@ import numpy as np
 
 from mner.cache import schema
 from mner.errors import CacheError
-from mner.extract.base import resolve_device
+from mner.extract.base import recorded_precision, resolve_device
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.runner import build_extractors, run_batch
@@ -32,7 +32,8 @@ def config_from_provenance(provenance: Mapping[str, Any], groups: Sequence[str],
         raise CacheError(f"the cache has no {', '.join(missing)} features; re-extract with "
                          f"--features {','.join(groups)}")
     fields = {k: v for k, v in stored.items() if k in ExtractConfig.__dataclass_fields__}
-    fields.update(features=list(groups), device=device, workers=0, overwrite=False)
+    fields.update(features=list(groups), device=device, workers=0, overwrite=False,
+                  precision=recorded_precision(dict(stored), resolve_device(device)))
     return build(ExtractConfig, fields, where="cache provenance extract_config")
 
 

@@ -90,6 +90,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def recorded_precision(extract_config: dict, device: torch.device) -> str:
+    """The resolved precision a cache was made with, from its ``extract_config``.
+
+    Caches written before ``precision`` existed recorded ``amp``: float16 autocast on
+    CUDA when true, float32 on CPU.
+    """
+    if "precision" in extract_config:
+        return str(extract_config["precision"])
+    return "fp16" if device.type == "cuda" and extract_config.get("amp", True) else "fp32"
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode, no gradients: every extractor's models are frozen feature functions.
 

@@ -42,7 +42,7 @@ from mner.data.conll import Tweet, read_conll
 from mner.data.images import find_image
 from mner.data.schemes import entities
 from mner.errors import CacheError, DataError
-from mner.extract.base import resolve_device, resolve_precision
+from mner.extract.base import recorded_precision, resolve_device, resolve_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.relations import RELATION_NAMES, relation_matrix
@@ -168,11 +168,11 @@ def library_versions() -> dict[str, str]:
             "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
 
 
-def _check_root(writer: CacheWriter, cfg: ExtractConfig, precision: str) -> None:
+def _check_root(writer: CacheWriter, cfg: ExtractConfig, precision: str, device: torch.device) -> None:
     root = writer.root_attrs
     if not root:
         return
-    had = (root.get("extract_config") or {}).get("precision", precision)
+    had = recorded_precision(dict(root.get("extract_config") or {}), device)
     if had != precision:
         # Rows computed in two precisions would differ by more than rounding.
         raise CacheError(f"{writer.out} was made with precision {had}, this run resolves to "
@@ -277,7 +277,7 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
     writer = CacheWriter.open(out, overwrite=cfg.overwrite)
     try:
         precision = resolve_precision(cfg.precision, device)
-        _check_root(writer, cfg, precision)
+        _check_root(writer, cfg, precision, device)
         from mner.pipeline.config import to_dict
 
         created = writer.root_attrs.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
