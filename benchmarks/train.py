@@ -10,12 +10,15 @@ Measures, in one run, the seconds per training epoch of
 
 all with the tiny encoder, and prints c/b (what the cache saves; target >= 3) and b/a
 (the head's own cost; target <= 1.15). It also times (a) and (b) with a BERT-base-sized
-encoder (random weights, ``BertConfig()`` defaults) so GPU runs can be compared later.
+encoder (random weights, ``BertConfig()`` defaults) so GPU runs can be compared later, and
+with it two cheaper UMT variants (no span detection; MGC section 2.4's layout) to show where
+the head's cost goes. Every configuration trains with ``--amp`` (default ``auto``, as
+``mner train``: bfloat16 on CPUs with native bfloat16).
 
 Usage::
 
     python benchmarks/train.py [--data DIR --features CACHE.h5] [--device cpu|cuda]
-        [--max-batches N] [--base-batches N] [--threads N]
+        [--amp auto|off|bf16|fp16] [--max-batches N] [--base-batches N] [--threads N]
 
 Without ``--data`` the sample dataset is generated (300/80/80 tweets) and its
 ResNet features extracted with the tiny profile into a temporary folder. Epoch times
@@ -104,7 +107,7 @@ class ResNetPerBatch:
 
 
 def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, hook_images=None,
-                  dims=None):
+                  dims=None, overrides=(), amp="auto"):
     """Wall and process-CPU seconds of one training epoch (extrapolated from ``max_batches``).
 
     CPU seconds are reported too because on a shared machine wall time mostly measures
@@ -114,9 +117,10 @@ def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, ho
 
     from mner.train.config import make_train_config
     from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
-    from mner.train.trainer import build_model, make_optimizer, train_epoch
+    from mner.train.trainer import build_model, make_optimizer, resolve_amp, train_epoch
 
-    cfg = make_train_config({"model": model_name, "profile": "tiny"})
+    cfg = make_train_config({"model": model_name, "profile": "tiny"}, list(overrides))
+    precision = resolve_amp(amp, device)
     needs = tuple(cfg.head_class().required_features(cfg.head_config()))
     tagset = TagSet("bio2")
     ids = [t.image_id for t in tweets]
@@ -132,13 +136,13 @@ def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, ho
     sched = get_linear_schedule_with_warmup(opt, 0, full * 2)
     hook = ResNetPerBatch(ds, hook_images, device) if hook_images is not None else None
     # One untimed batch: first-call allocations and lazy inits are not epoch cost.
-    train_epoch(model, ds, batches[:1], opt, sched, None, device, None, cfg.grad_clip,
+    train_epoch(model, ds, batches[:1], opt, sched, None, device, precision, cfg.grad_clip,
                 desc="warmup", batch_hook=hook)
     timed = batches[:max_batches] if max_batches else batches
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0, c0 = time.perf_counter(), time.process_time()
-    train_epoch(model, ds, timed, opt, sched, None, device, None, cfg.grad_clip,
+    train_epoch(model, ds, timed, opt, sched, None, device, precision, cfg.grad_clip,
                 desc=model_name, batch_hook=hook)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,11 +150,22 @@ def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, ho
     return (time.perf_counter() - t0) * scale, (time.process_time() - c0) * scale
 
 
+#: UMT variants timed with the BERT-base-sized encoder to show where the head's cost
+#: goes: (key, label, head overrides).
+UMT_VARIANTS = (
+    ("base_b", "umt, cached features, BERT-base-sized encoder", ()),
+    ("base_b_noesd", "  umt esd=false (no span-detection layer)", ("head.esd=false",)),
+    ("base_b_24", "  umt as MGC sec. 2.4 (text_layer=false esd=false)", ("head.esd=false", "head.text_layer=false")),
+)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="dataset folder (default: generate the sample)")
     ap.add_argument("--features", help="its tiny/paper cache with resnet/grid")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                    help="train.amp for every configuration (default auto, as mner train)")
     ap.add_argument("--max-batches", type=int, default=0)
     ap.add_argument("--base-batches", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds (medians printed)")
@@ -164,6 +179,7 @@ def main() -> None:
     from mner.cache.reader import FeatureCache
     from mner.data.dataset import load_splits
     from mner.train import encoder as encoders
+    from mner.train.trainer import resolve_amp
 
     data, features = _setup_data(args)
     tweets = load_splits(data)["train"]
@@ -176,49 +192,63 @@ def main() -> None:
     def run_tiny(key):
         enc, tok = tiny()
         if key == "a":
-            return epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.max_batches)
+            return epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.max_batches, amp=args.amp)
         if key == "b":
-            return epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches)
+            return epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches, amp=args.amp)
         return epoch_seconds("umt", enc, tok, tweets, cache, device, args.max_batches,
-                             hook_images=data / "images", dims={"resnet/grid": 2048})
+                             hook_images=data / "images", dims={"resnet/grid": 2048}, amp=args.amp)
 
     _, tok = tiny()
     base_cfg = BertConfig(vocab_size=max(len(tok), 30522))
+    variants = {key: overrides for key, _, overrides in UMT_VARIANTS}
+
+    precision = resolve_amp(args.amp, device)
+    # The same BERT-base bert_crf in float32, when --amp picked a lower precision: what
+    # mixed precision buys, measured in this run.
+    fp32_row = ("base_a_fp32",) if precision != "fp32" else ()
 
     def run_base(key):
         torch.manual_seed(0)
         enc = BertModel(base_cfg, add_pooling_layer=False)
-        return epoch_seconds("bert_crf" if key == "base_a" else "umt", enc, tok, tweets, cache,
-                             device, args.base_batches)
+        if key in ("base_a", "base_a_fp32"):
+            return epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.base_batches,
+                                 amp="off" if key == "base_a_fp32" else args.amp)
+        return epoch_seconds("umt", enc, tok, tweets, cache, device, args.base_batches,
+                             overrides=variants[key], amp=args.amp)
 
     # Alternate the configurations and keep each one's median over --repeat rounds, so
     # a burst of other load on a shared machine hits one round, not one configuration.
     # (c) is slow and its ratio far from the target: one round.
     rounds: dict[str, list[tuple[float, float]]] = {}
     for r in range(args.repeat):
-        for key in ("a", "b", "base_a", "base_b") + (("c",) if r == 0 else ()):
+        for key in ("a", "b", "base_a", *variants, *fp32_row) + (("c",) if r == 0 else ()):
             rounds.setdefault(key, []).append(run_base(key) if key.startswith("base") else run_tiny(key))
     res = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
            for k, v in rounds.items()}
 
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch threads {args.threads}, "
-          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}")
+          f"device {device}{' ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}, "
+          f"amp {args.amp} -> {precision}")
     print(f"train tweets: {len(tweets)}; cache: {features}")
     rows = [
         ("a", "(a) bert_crf, tiny encoder"),
         ("b", "(b) umt, cached features, tiny encoder"),
         ("c", "(c) umt, ResNet-152 per batch from images, tiny"),
         ("base_a", "bert_crf, BERT-base-sized encoder"),
-        ("base_b", "umt, cached features, BERT-base-sized encoder"),
+        *((key, label) for key, label, _ in UMT_VARIANTS),
+        *((key, "bert_crf, BERT-base-sized encoder, amp off (fp32)") for key in fp32_row),
     ]
-    print(f"seconds per training epoch:{'':24}{'wall':>9}{'cpu':>9}")
+    print(f"seconds per training epoch:{'':28}{'wall':>9}{'cpu':>9}{'/ bert_crf':>12}")
     for key, label in rows:
-        print(f"  {label:48}{res[key][0]:9.2f}{res[key][1]:9.2f}")
+        base = res["base_a" if key.startswith("base") else "a"][0]
+        print(f"  {label:52}{res[key][0]:9.2f}{res[key][1]:9.2f}{res[key][0] / base:12.2f}")
     for i, kind in enumerate(("wall", "cpu")):
         print(f"{kind}: ratio c/b = {res['c'][i] / res['b'][i]:.2f} (target >= 3), "
               f"b/a = {res['b'][i] / res['a'][i]:.2f} (target <= 1.15), "
-              f"b/a BERT-base-sized = {res['base_b'][i] / res['base_a'][i]:.2f}")
+              f"b/a BERT-base-sized = {res['base_b'][i] / res['base_a'][i]:.2f}"
+              + (f", fp32/{precision} BERT-base = {res['base_a_fp32'][i] / res['base_a'][i]:.2f}" if fp32_row else ""))
+
 
 if __name__ == "__main__":
     main()

@@ -94,3 +94,15 @@ def test_to_dict_round_trips():
     d = to_dict(cfg)
     assert d["out"] == "a/b" and d["seeds"] == [4] and d["inner"] == {"k": 2}
     assert build(Cfg, d, where="p") == cfg
+
+
+def test_yaml_off_and_on_stay_words_for_string_choices():
+    @dataclass(frozen=True)
+    class Switch:
+        amp: Literal["auto", "off", "on"] = "auto"
+        mode: Literal["a", "b"] = "a"
+
+    assert build(Switch, parse_overrides(["amp=off"]), where="-o").amp == "off"
+    assert build(Switch, {"amp": True}, where="p").amp == "on"
+    with pytest.raises(ConfigError, match="False is not one of 'a', 'b'"):
+        build(Switch, {"mode": False}, where="p")

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from mner import devices
 from mner.cache.reader import FeatureCache
 from mner.errors import CacheError
-from mner.extract import base
 from mner.extract.base import ByteTransform, resolve_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.runner import run_extract
@@ -21,10 +21,10 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_auto_precision_per_device(monkeypatch):
-    monkeypatch.setattr(base, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", CPU) == "bf16"
     assert resolve_precision("auto", CUDA) == "fp16"
-    monkeypatch.setattr(base, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     assert resolve_precision("auto", CPU) == "fp32"
     for explicit in ("fp32", "bf16", "fp16"):
         assert resolve_precision(explicit, CPU) == explicit == resolve_precision(explicit, CUDA)

@@ -201,6 +201,7 @@ def _param_names(head) -> set[str]:
     ("switch", "removed_prefixes", "aux", "out_dim"),
     [
         ({"esd": False}, ("esd_layer.", "esd_classifier.", "esd_crf."), set(), 2 * D),
+        ({"text_layer": False}, ("text_layer.",), {"esd"}, 2 * D),
         ({"no_gate": True}, ("interaction.gate.",), {"esd"}, 2 * D),
         (
             {"no_image_aware": True},
@@ -227,6 +228,17 @@ def test_each_switch_removes_exactly_its_component(switch, removed_prefixes, aux
     assert set(out.aux_losses) == aux
     assert head.out_dim == out_dim and out.hidden.shape[-1] == out_dim
     assert ("umt_gate" in out.diagnostics) == ("interaction.gate.weight" in _param_names(head))
+
+
+def test_without_text_layer_the_interaction_reads_the_encoder_states():
+    head = make_head(text_layer=False).eval()
+    batch = make_batch()
+    out = head(batch)
+    direct = head.interaction(batch.hidden, batch.token_mask, batch.visual["resnet/grid"], batch.image_mask)
+    torch.testing.assert_close(out.hidden, direct.hidden)
+    with_layer = make_head().eval()
+    assert not torch.allclose(with_layer(batch).hidden, with_layer.interaction(
+        batch.hidden, batch.token_mask, batch.visual["resnet/grid"], batch.image_mask).hidden)
 
 
 def test_conversion_matrix_spreads_span_tags_over_entity_types():

@@ -40,9 +40,11 @@ def encoder_dir(sample_dir, tmp_path_factory):
 
 
 def _cfg(encoder_dir, *extra):
+    # bf16 autocast on every machine (emulated where the CPU lacks it), so the scoring and
+    # resume tests below cover the mixed-precision path; the overwrite test trains in fp32.
     return make_train_config(
         {"model": "bert_crf", "profile": "tiny"},
-        [f"encoder={encoder_dir}", f"epochs={EPOCHS}", "seeds=[1,2]", "patience=0", *extra],
+        [f"encoder={encoder_dir}", f"epochs={EPOCHS}", "seeds=[1,2]", "patience=0", "amp=bf16", *extra],
     )
 
 
@@ -58,6 +60,7 @@ def test_run_folder_has_every_output(run, sample_dir, encoder_dir):
     assert cfg["encoder"] == str(encoder_dir) and cfg["epochs"] == EPOCHS and cfg["head"] == {}
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["dataset"]["name"] == sample_dir.name and prov["profile"] == "tiny"
+    assert prov["precision"] == "bf16" and load_run(run, device="cpu").precision == "bf16"
     train_file = str(sample_dir / "train.txt")
     assert prov["dataset"]["files"][train_file] == hashlib.sha256(
         (sample_dir / "train.txt").read_bytes()
@@ -181,8 +184,9 @@ def test_overwrite_replaces_only_the_run_and_threads_apply_during_training(
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
     before = torch.get_num_threads()
-    summary = train_run(_cfg(encoder_dir, "seeds=[1]", "threads=1"), sample_dir, None, out,
+    summary = train_run(_cfg(encoder_dir, "seeds=[1]", "threads=1", "amp=off"), sample_dir, None, out,
                         overwrite=True)
+    assert json.loads((out / "provenance.json").read_text())["precision"] == "fp32"
     assert seen == [1, before] and torch.get_num_threads() == before
     assert sorted(p.name for p in out.glob("seed_*")) == ["seed_1"]  # seed_2 is gone
     assert (out / "notes.txt").read_text() == "mine"

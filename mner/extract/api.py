@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from mner.cache import schema
+from mner.devices import resolve_device
 from mner.errors import CacheError
-from mner.extract.base import recorded_precision, resolve_device
+from mner.extract.base import recorded_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.runner import build_extractors, run_batch

@@ -17,22 +17,13 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_to_tensor
 
+from mner import devices
+from mner.devices import autocast
 from mner.extract.config import ExtractConfig
 
 #: ImageNet statistics used by torchvision classification and detection models.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        from mner.errors import ConfigError
-
-        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    return torch.device(device)
 
 
 class ByteTransform:
@@ -66,17 +57,6 @@ class ByteTransform:
         return x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_bf16() -> bool:
-    """Whether oneDNN reports native bfloat16 arithmetic on this CPU (AVX512-BF16, AMX)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # private probe; absent in some builds
-        return False
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``fp16`` on CUDA, ``bf16`` on a CPU with native bfloat16, else ``fp32``.
 
@@ -87,7 +67,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if devices.cpu_has_bf16() else "fp32"
 
 
 def recorded_precision(extract_config: dict, device: torch.device) -> str:
@@ -131,9 +111,7 @@ class Extractor:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the resolved precision; a no-op for ``fp32``."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+        return autocast(self.device, self.precision)
 
     def attrs(self) -> dict[str, Any]:
         """Group attributes: ``model``, ``weights``, ``preprocessing``, ``dims`` and extras."""

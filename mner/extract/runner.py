@@ -41,8 +41,9 @@ from mner.cache.writer import CacheWriter
 from mner.data.conll import Tweet, read_conll
 from mner.data.images import find_image
 from mner.data.schemes import entities
+from mner.devices import resolve_device
 from mner.errors import CacheError, DataError
-from mner.extract.base import recorded_precision, resolve_device, resolve_precision
+from mner.extract.base import recorded_precision, resolve_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.relations import RELATION_NAMES, relation_matrix

@@ -79,6 +79,11 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected {_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and not any(isinstance(c, bool) for c in choices):
+            # YAML 1.1 reads `amp: off` (and -o amp=off) as false: give the word back.
+            word = "on" if value else "off"
+            if word in choices:
+                value = word
         if value not in choices:
             raise ConfigError(
                 f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}"

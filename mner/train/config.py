@@ -83,8 +83,10 @@ class TrainConfig:
         dropout: dropout before the emission layer.
         seeds: one run per seed, in ``RUN/seed_<k>/``.
         deterministic: deterministic algorithms and cuBLAS workspace config.
-        amp: mixed precision on CUDA: ``auto`` (bf16 when supported, else fp16),
-            ``fp16``, ``bf16`` or ``off``. Always off on CPU.
+        amp: mixed precision (autocast) for training and scoring: ``auto`` is bf16 on
+            CUDA devices that support it, else fp16, and bf16 on CPUs with native
+            bfloat16 (AVX512-BF16, AMX), else off; ``bf16``, ``fp16`` (CUDA only) or
+            ``off`` force one. The resolved value is recorded in provenance.json.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:i]``.
         num_workers: DataLoader worker processes (0 loads batches in the main process).
         threads: torch intra-op threads while training (restored after); None leaves

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_model
 
+from mner.devices import autocast, resolve_device
 from mner.errors import ConfigError, DataError
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
@@ -29,20 +29,13 @@ from mner.train.model import Tagger, build_head
 IMAGE_STATUSES = ("ok", "missing", "unreadable")
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` on CUDA with ``dtype``; a no-op context otherwise."""
-    if device.type != "cuda" or dtype is None:
-        return nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
-
-
 @torch.no_grad()
 def predict_words(
     model: Tagger,
     dataset: NerDataset,
     device: torch.device,
     batch_size: int,
-    amp_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
 ) -> tuple[list[list[int]], dict[str, np.ndarray]]:
     """Viterbi tags for every word of every sentence in ``dataset``.
 
@@ -51,7 +44,7 @@ def predict_words(
         dataset: windows of the sentences.
         device: where to run.
         batch_size: windows per batch.
-        amp_dtype: autocast dtype on CUDA, or None.
+        precision: autocast precision (``fp32``, ``bf16`` or ``fp16``), the run's.
 
     Returns:
         ``(tags, diagnostics)``: tag ids per word for each sentence (``O`` = 0 where a
@@ -67,7 +60,7 @@ def predict_words(
         batch.sub_labels = batch.word_tags = None
         batch.entity_spans = batch.entity_mask = None
         batch.text_teacher = {}
-        with autocast(device, amp_dtype):
+        with autocast(device, precision):
             paths, d = model.decode(batch.to(device))
         for b, (wi, path) in enumerate(zip(idx, paths, strict=False)):
             win = dataset.windows[wi]
@@ -156,6 +149,16 @@ class LoadedRun:
     device: torch.device
 
     @property
+    def precision(self) -> str:
+        """The autocast precision the run was trained and scored in, where this device has it.
+
+        Reusing it makes ``mner evaluate`` reproduce the run's metrics.json; float16
+        (CUDA training) falls back to float32 on a CPU.
+        """
+        recorded = self.provenance.get("precision", "fp32")
+        return "fp32" if recorded == "fp16" and self.device.type != "cuda" else recorded
+
+    @property
     def needs(self) -> tuple[str, ...]:
         return tuple(self.cfg.head_class().required_features(self.cfg.head_config()))
 
@@ -219,19 +222,6 @@ def load_run(run: Path, seed: int | None = None, device: str = "auto") -> Loaded
     return LoadedRun(run, seed_dir, cfg, model, tokenizer, tagset, provenance, dev)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r}: use auto, cpu or cuda[:i]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r}: CUDA is not available here; use -o device=cpu")
-    return dev
-
-
 def evaluate_run(
     run: Path,
     data_file: Path,
@@ -280,7 +270,7 @@ def evaluate_run(
         [t.labels for t in tweets],
         VisualStore(cache, lr.needs, [t.image_id for t in tweets]) if cache is not None else None,
     )
-    tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size)
+    tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
     pred = [lr.tagset.decode(t) for t in tags]
     if pred_out is not None:
         write_conll(pred_out, tweets, pred, scheme="bio2")

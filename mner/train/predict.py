@@ -98,7 +98,7 @@ class Predictor:
         if lr.needs:
             visual = VisualStore(self._extract(image_paths), lr.needs, ids)
         ds = NerDataset(sentences, ids, lr.tokenizer, lr.cfg.max_length, None, None, visual)
-        tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size)
+        tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
         out = []
         for words, offs, t in zip(sentences, offsets, tags, strict=False):
             ents = []

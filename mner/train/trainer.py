@@ -30,20 +30,15 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 import mner
+from mner import devices
+from mner.devices import autocast, resolve_device
 from mner.errors import CacheError, ConfigError, DataError
 from mner.pipeline.config import to_dict
 from mner.provenance import sha256_file
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
 from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
-from mner.train.evaluation import (
-    autocast,
-    group_diagnostics,
-    marked_for,
-    predict_words,
-    resolve_device,
-    score_split,
-)
+from mner.train.evaluation import group_diagnostics, marked_for, predict_words, score_split
 from mner.train.model import Tagger, build_head, param_groups
 
 STOP_ENV = "MNER_STOP_AFTER_EPOCH"
@@ -64,14 +59,44 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for this run, or None (CPU, or amp off)."""
-    if device.type != "cuda" or cfg.amp == "off":
-        return None
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """The autocast precision (``fp32``, ``bf16`` or ``fp16``) for ``train.amp`` on ``device``.
 
+    ``auto`` is bfloat16 on CUDA devices that support it, else float16; on CPU it is
+    bfloat16 where oneDNN has native bfloat16 (AVX512-BF16, AMX: BERT-base trains about
+    twice as fast there), else float32.
+
+    Raises:
+        ConfigError: ``fp16`` on CPU (float16 autocast there is slower than float32).
+    """
+    if amp == "off":
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()) else "fp16"
+    if amp == "fp16":
+        raise ConfigError(f"train.amp fp16 needs a CUDA device (running on {device.type}); use bf16, auto or off")
+    if amp == "bf16":
+        return "bf16"
+    return "bf16" if devices.cpu_has_bf16() else "fp32"
+
+
+def run_precision(cfg: TrainConfig, device: torch.device, out: Path, resume: bool) -> str:
+    """The precision of a run: ``train.amp`` resolved here, or the recorded one on --resume.
+
+    A resumed run keeps the precision its first half trained in (recorded in
+    provenance.json), so ``--resume`` on another machine still reaches the same result.
+    """
+    prov = out / "provenance.json"
+    if resume and prov.exists():
+        recorded = json.loads(prov.read_text(encoding="utf-8")).get("precision")
+        if recorded is not None:
+            if recorded == "fp16" and device.type != "cuda":
+                raise ConfigError(
+                    f"{out}: this run trained in float16 on CUDA and cannot resume on {device.type}; "
+                    "resume it on a CUDA machine or start a new run"
+                )
+            return recorded
+    return resolve_amp(cfg.amp, device)
 
 
 def open_cache(cfg: TrainConfig, features: Path | None):
@@ -225,7 +250,7 @@ def train_epoch(
     scheduler,
     scaler,
     device: torch.device,
-    dtype: torch.dtype | None,
+    precision: str,
     grad_clip: float,
     num_workers: int = 0,
     desc: str = "train",
@@ -247,7 +272,7 @@ def train_epoch(
         if batch_hook is not None:
             batch = batch_hook(batch)
         batch = batch.to(device)
-        with autocast(device, dtype):
+        with autocast(device, precision):
             loss, _ = model.loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss is {loss.item()}; lower the learning rates")
@@ -318,11 +343,15 @@ def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: b
     cache, needs = open_cache(cfg, features)
     _prepare_out(cfg, out, resume, overwrite)
     data_dir = Path(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else Path(splits["train"][0].source).parent
-    _write_provenance(cfg, out, splits, data_dir, cache, needs)
+    device = resolve_device(cfg.device)
+    precision = run_precision(cfg, device, out, resume)
+    _write_provenance(cfg, out, splits, data_dir, cache, needs, precision)
 
     runs = []
     for seed in cfg.seeds:
-        runs.append(train_seed(cfg, seed, splits, data_dir, cache, needs, out / f"seed_{seed}", resume))
+        runs.append(
+            train_seed(cfg, seed, splits, data_dir, cache, needs, out / f"seed_{seed}", resume, device, precision)
+        )
     summary = summarize(cfg, runs)
     _atomic_json(out / "metrics.json", summary)
     return summary
@@ -362,7 +391,7 @@ def _prepare_out(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool = Fa
     path.write_text(cfg_yaml, encoding="utf-8")
 
 
-def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs) -> None:
+def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs, precision: str) -> None:
     files = sorted({t.source for tweets in splits.values() for t in tweets[:1]})
     prov = {
         "dataset": {
@@ -372,6 +401,8 @@ def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs) -> N
         "cache": None,
         "feature_dims": {},
         "profile": cfg.profile,
+        # Autocast precision the run trained and evaluated in; mner evaluate/predict reuse it.
+        "precision": precision,
         "mner_version": mner.__version__ if hasattr(mner, "__version__") else _version(),
     }
     if cache is not None:
@@ -416,7 +447,9 @@ def build_model(cfg: TrainConfig, seed: int, enc, tagset: TagSet, feature_dims: 
         return Tagger(enc, head, tagset.names, cfg.dropout)
 
 
-def train_seed(cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume: bool) -> dict:
+def train_seed(
+    cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume: bool, device: torch.device, precision: str
+) -> dict:
     """Train, select on dev, and evaluate one seed; returns its metrics record."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # dvclive must not phone home
     from dvclive import Live
@@ -427,8 +460,6 @@ def train_seed(cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume
     if resume and metrics_path.exists():
         return json.loads(metrics_path.read_text(encoding="utf-8"))
     seed_everything(seed, cfg.deterministic)
-    device = resolve_device(cfg.device)
-    dtype = amp_dtype(cfg, device)
     seed_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = seed_dir / "checkpoint"
 
@@ -458,7 +489,7 @@ def train_seed(cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(cfg.warmup_ratio * total_steps), total_steps
     )
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "stopped": False, "history": []}
     if resume:
@@ -484,11 +515,11 @@ def train_seed(cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume
             batches = bucket_batches(train_ds.lengths(), cfg.batch_size, cfg.bucket_size, gen)
             t0 = time.perf_counter()
             loss = train_epoch(
-                model, train_ds, batches, optimizer, scheduler, scaler, device, dtype,
+                model, train_ds, batches, optimizer, scheduler, scaler, device, precision,
                 cfg.grad_clip, cfg.num_workers, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}",
             )
             seconds = time.perf_counter() - t0
-            dev = _eval_split(model, sets["valid"], tagset, device, dtype, cfg, data_dir)
+            dev = _eval_split(model, sets["valid"], tagset, device, precision, cfg, data_dir)
             f1 = dev["overall"]["f1"]
             state["history"].append({"epoch": epoch, "train_loss": loss, "dev_f1": f1, "seconds": seconds})
             if f1 > state["best_f1"]:
@@ -520,7 +551,7 @@ def train_seed(cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume
             record[key] = None
             continue
         sp = sets[split]
-        tags, diags = predict_words(model, sp.dataset, device, cfg.eval_batch_size, dtype)
+        tags, diags = predict_words(model, sp.dataset, device, cfg.eval_batch_size, precision)
         pred = [tagset.decode(t) for t in tags]
         write_conll(seed_dir / f"pred_{split}.txt", sp.tweets, pred, scheme="bio2")
         record[key] = score_split(
@@ -537,8 +568,8 @@ def train_seed(cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume
     return record
 
 
-def _eval_split(model, split: _Split, tagset, device, dtype, cfg, data_dir) -> dict:
-    tags, _ = predict_words(model, split.dataset, device, cfg.eval_batch_size, dtype)
+def _eval_split(model, split: _Split, tagset, device, precision, cfg, data_dir) -> dict:
+    tags, _ = predict_words(model, split.dataset, device, cfg.eval_batch_size, precision)
     pred = [tagset.decode(t) for t in tags]
     return score_split([list(t.labels) for t in split.tweets], pred, None)
 

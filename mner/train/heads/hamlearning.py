@@ -221,7 +221,9 @@ class RelevanceMeasure(nn.Module):
         Returns:
             (B,) M^r.
         """
-        c = torch.tanh(self.w_ti(h_cls, v_img))  # (B, 1) eq. 8
+        # float32: bilinear is on no autocast list, so under AMP its two inputs can
+        # arrive in different dtypes (a linear layer's bf16 output and a float32 one).
+        c = torch.tanh(self.w_ti(h_cls.float(), v_img.float()))  # (B, 1) eq. 8
         return torch.tanh(self.w_t(h_cls) + self.w_i(v_img) * c).squeeze(-1)  # eq. 9
 
 

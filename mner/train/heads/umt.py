@@ -13,7 +13,8 @@ Map from the equations (MGC paper numbering) to this module:
   the text dim D by ``MultimodalInteraction.visual_proj`` (``V`` below); rows of
   missing images are replaced by the learned ``no_image`` embedding.
 * text input ``H``: the encoder states passed through one transformer layer
-  (``UMTHead.text_layer``, UMT's "main" text branch).
+  (``UMTHead.text_layer``, UMT's "main" text branch; switch ``text_layer``: False uses
+  the encoder states as ``H``, as MGC's section 2.4 summary states it).
 * eqs. 13-16, ``P = LN(P~ + FFN(P~))`` with ``P~ = LN(g + M(H, g))``: regions attend to
   words, ``TransformerLayer`` ``img2txt`` (query V, key/value H) -> ``P`` (B, R, D).
 * image-aware word representation ``A``: words attend to ``P`` through a second
@@ -39,7 +40,8 @@ Map from the equations (MGC paper numbering) to this module:
 
 Ablation switches, one per component of the design above (the UMT paper is not in
 ../shared/papers, so its ablation table could not be checked row by row); each
-removes exactly its parameters and loss term: ``esd`` (False:
+removes exactly its parameters and loss term: ``text_layer`` (False: ``H`` is the
+encoder output; one transformer layer less, about a fifth of the head's cost), ``esd`` (False:
 no ESD branch, no ``esd`` loss, no conversion), ``conversion`` (False: ESD is a training-only
 auxiliary loss; no parameters to remove, the matrix is fixed), ``no_gate`` (``B = Q``), ``no_image_aware`` (``A = H``:
 no ``img2txt``/``txt2img_word`` layers), ``no_word_aware`` (no ``Q``, no gate, output
@@ -309,6 +311,9 @@ class UMTConfig:
             intermediate size (UMT builds its layers from the BERT config: 3072 for
             BERT-base), or 4 * D when the head is built without an encoder.
         dropout: dropout in the transformer layers (BERT's 0.1).
+        text_layer: UMT's extra transformer layer over the encoder states (the paper
+            and its code); False takes ``H`` straight from the encoder, as MGC's
+            section 2.4 summary of UMT does.
         esd: auxiliary entity span detection branch and loss.
         esd_weight: weight of the ESD loss (0.5 in the UMT code).
         esd_decoder: ``crf`` (the paper) or ``softmax`` (token cross-entropy).
@@ -324,6 +329,7 @@ class UMTConfig:
     heads: int | None = None
     ffn_dim: int | None = None
     dropout: float = 0.1
+    text_layer: bool = True
     esd: bool = True
     esd_weight: float = 0.5
     esd_decoder: Literal["crf", "softmax"] = "crf"
@@ -366,7 +372,7 @@ class UMTHead(FusionHead):
         heads = resolve_heads(cfg.heads, D)
         ffn = cfg.ffn_dim or 4 * D
         # UMT's main text branch: one more transformer layer over BERT.
-        self.text_layer = TransformerLayer(D, heads, ffn, cfg.dropout)
+        self.text_layer = TransformerLayer(D, heads, ffn, cfg.dropout) if cfg.text_layer else None
         self.interaction = MultimodalInteraction(
             D,
             self.feature_dims["resnet/grid"],
@@ -405,7 +411,7 @@ class UMTHead(FusionHead):
         image_mask = batch.image_mask
         if image_mask is None:
             image_mask = torch.ones(B, dtype=torch.bool, device=mask.device)
-        H = self.text_layer(batch.hidden, batch.hidden, mask)  # (B, T, D)
+        H = batch.hidden if self.text_layer is None else self.text_layer(batch.hidden, batch.hidden, mask)  # (B, T, D)
         fused = self.interaction(H, mask, batch.visual["resnet/grid"], image_mask)
         out = HeadOutput(hidden=fused.hidden)
         if fused.gate is not None:
