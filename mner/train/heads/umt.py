@@ -41,7 +41,7 @@ Map from the equations (MGC paper numbering) to this module:
 Ablation switches, one per component of the design above (the UMT paper is not in
 ../shared/papers, so its ablation table could not be checked row by row); each
 removes exactly its parameters and loss term: ``text_layer`` (False: ``H`` is the
-encoder output; one transformer layer less, about a fifth of the head's cost), ``esd`` (False:
+encoder output; one transformer layer less, about a sixth of the head's cost at BERT-base), ``esd`` (False:
 no ESD branch, no ``esd`` loss, no conversion), ``conversion`` (False: ESD is a training-only
 auxiliary loss; no parameters to remove, the matrix is fixed), ``no_gate`` (``B = Q``), ``no_image_aware`` (``A = H``:
 no ``img2txt``/``txt2img_word`` layers), ``no_word_aware`` (no ``Q``, no gate, output
