@@ -390,8 +390,8 @@ class UMTHead(FusionHead):
             self.esd_classifier = nn.Linear(D, len(SPAN_TAGS))
             if cfg.esd_decoder == "crf":
                 self.esd_crf = CRF(len(SPAN_TAGS), batch_first=True)
-        self._tag_map: tuple[tuple[str, ...], torch.Tensor] | None = None
-        self._conv: tuple[tuple[str, ...], torch.Tensor] | None = None
+        # Fixed tables derived from the tag names (span map, conversion matrix), per device.
+        self._tables: dict[tuple, torch.Tensor] = {}
 
     def forward(self, batch: HeadInput) -> HeadOutput:
         """Fuse the encoder states with the ResNet grid.
@@ -442,17 +442,17 @@ class UMTHead(FusionHead):
         return -self.esd_crf(em, tags, mask=m, reduction="mean")
 
     def _conversion(self, label_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        names = tuple(label_names)
-        if not names:
-            raise ValueError("UMT's conversion matrix needs HeadInput.label_names")
-        if self._conv is None or self._conv[0] != names or self._conv[1].device != device:
-            self._conv = (names, conversion_matrix(names).to(device))
-        return self._conv[1]
+        return self._label_table(conversion_matrix, label_names, device, "UMT's conversion matrix")
 
     def _span_map(self, label_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        return self._label_table(span_tag_map, label_names, device, "UMT's ESD loss")
+
+    def _label_table(self, build, label_names, device: torch.device, user: str) -> torch.Tensor:
+        """``build(label_names)`` on ``device``, kept until the tag set or device changes."""
         names = tuple(label_names)
         if not names:
-            raise ValueError("UMT's ESD loss needs HeadInput.label_names with labels")
-        if self._tag_map is None or self._tag_map[0] != names or self._tag_map[1].device != device:
-            self._tag_map = (names, span_tag_map(names).to(device))
-        return self._tag_map[1]
+            raise ValueError(f"{user} needs HeadInput.label_names")
+        key = (build.__name__, names, device)
+        if key not in self._tables:
+            self._tables[key] = build(names).to(device)
+        return self._tables[key]
