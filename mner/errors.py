@@ -25,3 +25,7 @@ class CacheError(MnerError):
 
 class WeightsError(MnerError):
     """Pretrained weights cannot be loaded (offline with no local copy, wrong folder)."""
+
+
+class LockError(MnerError):
+    """Another live process is writing the same output (cache file, run folder, report)."""
