@@ -8,8 +8,8 @@ from typing import Literal
 
 import pytest
 
+from mner.config import build, load_section, merge, parse_overrides, to_dict
 from mner.errors import ConfigError
-from mner.pipeline.config import build, load_section, merge, parse_overrides, to_dict
 
 
 @dataclass(frozen=True)

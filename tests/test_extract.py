@@ -14,10 +14,10 @@ from PIL import Image, ImageOps
 from mner.cache.inspect import summary
 from mner.cache.reader import FeatureCache
 from mner.cache.writer import partial_path
+from mner.config import build
 from mner.errors import CacheError, ConfigError, WeightsError
 from mner.extract.config import ExtractConfig
 from mner.extract.runner import FAIL_AFTER_ENV, run_extract
-from mner.pipeline.config import build
 
 ALL = ("resnet", "clip", "objects", "relations", "crops")
 EXPECTED = {"ok_rgb": "ok", "ok_rgba": "ok", "grey": "ok", "palette": "ok", "cmyk": "ok",

@@ -17,13 +17,13 @@ from PIL import Image
 
 from mner.cache.reader import FeatureCache
 from mner.cache.writer import partial_path
+from mner.config import build
 from mner.errors import ConfigError, DataError, WeightsError
 from mner.extract.config import ExtractConfig
 from mner.extract.detectron2_backend import read_class_names
 from mner.extract.objects import build_detector
 from mner.extract.relations import relation_matrix
 from mner.extract.runner import run_extract
-from mner.pipeline.config import build
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from mner.config import build
 from mner.errors import ConfigError
-from mner.pipeline.config import build
 from mner.train.heads import HEADS, HeadInput, get_head
 from mner.train.heads.bert_crf import BertCrfHead
 

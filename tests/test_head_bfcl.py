@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mner.config import build, parse_overrides
 from mner.errors import ConfigError
-from mner.pipeline.config import build, parse_overrides
 from mner.train.heads import HeadInput, get_head
 from mner.train.heads.bfcl import BfclConfig, BfclHead
 

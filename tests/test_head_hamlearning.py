@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from mner.config import build
 from mner.errors import ConfigError
 from mner.extract.relations import RELATION_NAMES
-from mner.pipeline.config import build
 from mner.train.heads import HeadInput, get_head
 from mner.train.heads.hamlearning import HamLearning, HamLearningConfig
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from mner.config import build, parse_overrides
 from mner.errors import ConfigError
-from mner.pipeline.config import build, parse_overrides
 from mner.train.heads import HeadInput, get_head
 from mner.train.heads.maf import MafConfig, MafHead
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mner.config import build
 from mner.errors import CacheError, ConfigError
-from mner.pipeline.config import build
 from mner.train.heads import HeadInput, get_head
 from mner.train.heads.mgc import MGCConfig, MGCHead
 from mner.train.losses import info_nce

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from mner.config import build
 from mner.errors import CacheError, ConfigError
-from mner.pipeline.config import build
 from mner.train.heads import get_head
 from mner.train.heads.base import HeadInput
 from mner.train.heads.mgips_cl import CROPS, MgipsClConfig, MgipsClHead

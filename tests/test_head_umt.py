@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mner.config import build
 from mner.errors import ConfigError
-from mner.pipeline.config import build
 from mner.train.heads import HeadInput, get_head
 from mner.train.heads.umt import (
     SPAN_TAGS,

@@ -44,10 +44,10 @@ def test_umt_beats_text_only_baseline(trained):
 
 def test_predict_extracts_features_like_the_cache(trained, sample_dir):
     """``mner predict`` recomputes the image features; it must tag as training did."""
+    from mner.apps.predict import Predictor
     from mner.data.conll import read_conll
     from mner.data.images import find_image
     from mner.data.schemes import entities
-    from mner.train.predict import Predictor
 
     run = trained("umt")["run"]
     tweets = read_conll(sample_dir / "test.txt")[:24]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mner.config import build
 from mner.data.dataset import load_splits, read_image_dependent
 from mner.data.images import ImageStatus, check_image, find_image
 from mner.data.sample import AMBIGUOUS_NAMES, NEUTRAL, SampleConfig, generate, read_image_kinds
 from mner.errors import ConfigError, DataError
-from mner.pipeline.config import build
 
 SIZES = {"train": 300, "valid": 80, "test": 80}  # tests/conftest.py
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from mner.config import build, to_dict
 from mner.errors import ConfigError
-from mner.pipeline.config import build, to_dict
 from mner.train.config import PROFILE_DEFAULTS, TrainConfig, make_train_config
 
 

@@ -126,7 +126,7 @@ def test_windows_shorter_than_sentences_still_tag_every_word(run, sample_dir):
 
 
 def test_predictor_text_and_tokens(run, sample_dir):
-    from mner.train.predict import Predictor, tokenize
+    from mner.apps.predict import Predictor, tokenize
 
     toks, offs = tokenize("RT @user: Barack Obama's visit, #Paris http://t.co/x")
     assert toks == ["RT", "@user", ":", "Barack", "Obama's", "visit", ",", "#Paris", "http://t.co/x"]

@@ -552,7 +552,7 @@ def generate(cfg: SampleConfig, out: str | os.PathLike, *, overwrite: bool = Fal
             "split\tindex\timage_id\tkind\tstatus\n" + "".join(r + "\n" for r in kind_rows),
             encoding="utf-8",
         )
-        from mner.pipeline.config import to_dict
+        from mner.config import to_dict
 
         (tmp / MANIFEST).write_text(
             json.dumps({"config": to_dict(cfg), "counts": counts}, indent=2) + "\n",

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 
 from mner.cache import schema
+from mner.config import build
 from mner.devices import resolve_device
 from mner.errors import CacheError
 from mner.extract.base import recorded_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.runner import build_extractors, run_batch
-from mner.pipeline.config import build
 
 
 def config_from_provenance(provenance: Mapping[str, Any], groups: Sequence[str],

@@ -279,7 +279,7 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
     try:
         precision = resolve_precision(cfg.precision, device)
         _check_root(writer, cfg, precision, device)
-        from mner.pipeline.config import to_dict
+        from mner.config import to_dict
 
         created = writer.root_attrs.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         writer.set_root_attrs({

@@ -17,10 +17,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mner.config import build, coerce, load_section, merge, parse_overrides
 from mner.data.conll import TYPES
 from mner.data.dataset import ReadConfig, read_image_dependent, split_name
 from mner.errors import ConfigError, DataError
-from mner.pipeline.config import build, coerce, load_section, merge, parse_overrides
 
 ParamsOpt = Annotated[
     Path | None, typer.Option("--params", help="params.yaml to read this command's section from.")

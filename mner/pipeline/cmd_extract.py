@@ -32,8 +32,8 @@ def _data_files(items: list[Path] | None) -> list[Path] | None:
 
 def build_config(params: Path | None, flags: dict[str, Any], overrides: list[str] | None):
     """ExtractConfig from params.yaml ``extract``, then CLI flags, then ``-o`` (last wins)."""
+    from mner.config import build, load_section, merge, parse_overrides
     from mner.extract.config import ExtractConfig
-    from mner.pipeline.config import build, load_section, merge, parse_overrides
 
     if isinstance(flags.get("features"), str):
         flags = {**flags, "features": [f.strip() for f in flags["features"].split(",") if f.strip()]}

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from mner.pipeline.config import build, load_section, merge, parse_overrides
+from mner.config import build, load_section, merge, parse_overrides
 from mner.report.config import ReportConfig
 
 

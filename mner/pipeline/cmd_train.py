@@ -48,7 +48,7 @@ def train(
     override: OverrideOpt = None,
 ) -> None:
     """Fine-tune encoder + fusion head + CRF on cached features; writes RUN/metrics.json."""
-    from mner.pipeline.config import load_section
+    from mner.config import load_section
     from mner.train.config import make_train_config
     from mner.train.trainer import train_run
 
@@ -116,7 +116,7 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
 ) -> None:
     """Print the entities (type, word span, characters) of new tweets."""
-    from mner.train.predict import Predictor, read_inputs
+    from mner.apps.predict import Predictor, read_inputs
 
     if (text is None) == (input_file is None):
         raise ConfigError("predict: pass either --text \"...\" [--image PATH] or --input FILE")

@@ -414,7 +414,7 @@ def _dataset_name(prov: Mapping[str, Any], config: Mapping[str, Any]) -> str:
 def default_head_options(model: str) -> dict[str, Any] | None:
     """The head's default options from the registry, or None if it is not available."""
     try:
-        from mner.pipeline.config import to_dict
+        from mner.config import to_dict
         from mner.train.heads.base import get_head
 
         cfg_cls = get_head(model).Config

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mner.config import build, merge, parse_overrides, to_dict
 from mner.errors import ConfigError
-from mner.pipeline.config import build, merge, parse_overrides, to_dict
 
 #: The one place profile-dependent defaults live. Paper values follow the UMT/MAF
 #: fine-tuning recipes (BERT-base, lr 5e-5, batch 16, linear warmup 10%); tiny values

@@ -196,7 +196,7 @@ def load_run(run: Path, seed: int | None = None, device: str = "auto") -> Loaded
         seed: which seed's model; default the best on dev.
         device: ``auto``, ``cpu`` or ``cuda[:i]``.
     """
-    from mner.pipeline.config import build
+    from mner.config import build
 
     run = Path(run)
     cfg_path = run / "config.yaml"

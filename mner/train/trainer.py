@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 
 import mner
 from mner import devices
+from mner.config import to_dict
 from mner.devices import autocast, resolve_device
 from mner.errors import CacheError, ConfigError, DataError
-from mner.pipeline.config import to_dict
 from mner.provenance import sha256_file
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig

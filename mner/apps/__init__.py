@@ -1,0 +1,1 @@
+"""Applications that span stages (above extract and train): predict."""
