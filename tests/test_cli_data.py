@@ -65,7 +65,7 @@ def test_data_stats_other_mapping(tmp_path):
     )
     assert doc["map_other"] is True
     with pytest.raises(
-        ConfigError, match="^-o mapother: unknown key; valid keys: map_other, strict$"
+        ConfigError, match="^-o: unknown key mapother; valid keys: map_other, strict$"
     ):
         invoke("data", "stats", p, "-o", "mapother=1")
     with pytest.raises(ConfigError, match="^-o strict: expected true or false, got 3$"):

@@ -52,7 +52,7 @@ def test_extract_params_flags_and_overrides(tmp_path, images, mner_cli):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-o", "profile=huge"], "extract (params + flags + -o).profile: 'huge' is not one of"),
+    (["-o", "profile=huge"], "error: -o profile: 'huge' is not one of 'paper', 'tiny'"),
     (["-o", "features=resnet,nope"], "unknown feature nope"),
     (["--images", "/nonexistent/dir"], "/nonexistent/dir: no such images folder"),
 ])

@@ -1,14 +1,13 @@
 """Data commands: ``mner sample``, ``mner data stats``, ``mner score``.
 
 Options come from, in increasing priority: the config dataclass defaults, the command's
-section of ``--params`` (``sample`` or ``data``), then CLI flags and ``-o key=value``.
+section of ``--params`` (``sample`` or ``data``), then CLI flags, then ``-o/--set key=value``,
+merged by :func:`mner.config.configure`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import typing
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,21 +16,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mner.config import build, coerce, load_section, merge, parse_overrides
+from mner.config import configure
 from mner.data.conll import TYPES
 from mner.data.dataset import ReadConfig, read_image_dependent, split_name
-from mner.errors import ConfigError, DataError
+from mner.errors import DataError
+from mner.pipeline.options import OverrideOpt, ParamsOpt
 
-ParamsOpt = Annotated[
-    Path | None, typer.Option("--params", help="params.yaml to read this command's section from.")
-]
 KeepOtherOpt = Annotated[
     bool | None,
     typer.Option("--keep-other", help="Keep OTHER as its own type (default: MISC)."),
-]
-OverrideOpt = Annotated[
-    list[str] | None,
-    typer.Option("-o", "--set", help="Override a setting: -o key=value (repeatable)."),
 ]
 
 
@@ -40,26 +33,6 @@ class Size(StrEnum):
 
     small = "small"
     default = "default"
-
-
-def _config(
-    cls: type, params: Path | None, section: str, flags: dict[str, Any], over: list[str] | None
-):
-    """Defaults < params.yaml section < CLI flags < -o overrides."""
-    data = load_section(params, section)
-    where = f"{params}:{section}" if params is not None and data else section
-    overrides = parse_overrides(over)
-    # Check each -o value on its own first, so an error names "-o key" rather than
-    # blaming the params file for a value typed on the command line.
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ConfigError(f"-o {key}: unknown key; valid keys: {', '.join(sorted(names))}")
-        coerce(hints[key], value, f"-o {key}")
-    data = merge(data, {k: v for k, v in flags.items() if v is not None})
-    data = merge(data, overrides)
-    return build(cls, data, where=where)
 
 
 def _console() -> Console:
@@ -72,7 +45,7 @@ def _read_config(
     params: Path | None, strict: bool | None, keep_other: bool | None, over
 ) -> ReadConfig:
     flags = {"strict": strict, "map_other": None if keep_other is None else not keep_other}
-    return _config(ReadConfig, params, "data", flags, over)
+    return configure(ReadConfig, "data", params=params, flags=flags, overrides=over)
 
 
 def sample(
@@ -90,7 +63,7 @@ def sample(
 
     flags: dict[str, Any] = dict(SIZES[size.value]) if size is not None else {}
     flags["seed"] = seed
-    cfg = _config(SampleConfig, params, "sample", flags, override)
+    cfg = configure(SampleConfig, "sample", params=params, flags=flags, overrides=override)
     generate(cfg, out, overwrite=force)
     manifest = json.loads((out / "sample.json").read_text(encoding="utf-8"))
     counts = manifest["counts"]

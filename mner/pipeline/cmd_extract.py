@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from mner.errors import DataError
+from mner.pipeline.options import OverrideOpt, ParamsOpt
 
 _SPLITS = ("train", "valid", "dev", "test")
 
@@ -32,16 +33,10 @@ def _data_files(items: list[Path] | None) -> list[Path] | None:
 
 def build_config(params: Path | None, flags: dict[str, Any], overrides: list[str] | None):
     """ExtractConfig from params.yaml ``extract``, then CLI flags, then ``-o`` (last wins)."""
-    from mner.config import build, load_section, merge, parse_overrides
+    from mner.config import configure
     from mner.extract.config import ExtractConfig
 
-    if isinstance(flags.get("features"), str):
-        flags = {**flags, "features": [f.strip() for f in flags["features"].split(",") if f.strip()]}
-    section = load_section(params, "extract")
-    build(ExtractConfig, section, where=f"{params}:extract")  # errors name the file
-    merged = merge(merge(section, {k: v for k, v in flags.items() if v is not None}),
-                   parse_overrides(overrides))
-    return build(ExtractConfig, merged, where="extract (params + flags + -o)")
+    return configure(ExtractConfig, "extract", params=params, flags=flags, overrides=overrides)
 
 
 def register(app: typer.Typer) -> None:
@@ -65,8 +60,8 @@ def register(app: typer.Typer) -> None:
                                          "<model>.pth (see mner.extract.weights)."),
         overwrite: bool = typer.Option(None, "--overwrite/--no-overwrite",
                                        help="Start over instead of resuming/extending."),
-        params: Path = typer.Option(None, "--params", help="params.yaml; reads section extract."),
-        override: list[str] = typer.Option(None, "-o", help="key=value setting, e.g. -o max_objects=10."),
+        params: ParamsOpt = None,
+        override: OverrideOpt = None,
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     ) -> None:
         """Run the frozen vision models over images into an HDF5 feature cache (resumable)."""

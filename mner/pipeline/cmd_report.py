@@ -1,7 +1,8 @@
 """``mner report``: tables, plots and provenance over trained run folders.
 
 Options come from, in increasing priority: ``ReportConfig`` defaults, the ``report``
-section of ``--params``, then CLI flags and ``-o key=value``.
+section of ``--params``, then CLI flags, then ``-o/--set key=value``, merged by
+:func:`mner.config.configure`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from mner.config import build, load_section, merge, parse_overrides
+from mner.config import configure
+from mner.pipeline.options import OverrideOpt, ParamsOpt
 from mner.report.config import ReportConfig
 
 
@@ -26,25 +28,14 @@ def report(
     ] = None,
     title: Annotated[str | None, typer.Option(help="Heading of results.md.")] = None,
     split: Annotated[str | None, typer.Option(help="Split to tabulate: test or dev.")] = None,
-    params: Annotated[
-        Path | None, typer.Option("--params", help="params.yaml to read the report section from.")
-    ] = None,
-    override: Annotated[
-        list[str] | None,
-        typer.Option("-o", "--set", help="Override a setting: -o key=value (repeatable)."),
-    ] = None,
+    params: ParamsOpt = None,
+    override: OverrideOpt = None,
 ) -> None:
     """Write results.md, results.json, metrics.json, dev_f1.csv and plots for RUNS."""
     from mner.report.build import build_report
 
-    section = load_section(params, "report")
-    where = f"{params}:report" if params and section else "report"
-    data = merge(
-        section,
-        {k: v for k, v in {"out": out, "title": title, "split": split}.items() if v is not None},
-    )
-    over = parse_overrides(override)
-    cfg = build(ReportConfig, merge(data, over), where=f"{where} (with -o)" if over else where)
+    flags = {"out": out, "title": title, "split": split}
+    cfg = configure(ReportConfig, "report", params=params, flags=flags, overrides=override)
 
     # Skipped folders are reported as one warning line each, on stderr.
     handler = _WarningLines()

@@ -10,28 +10,7 @@ from typing import Annotated
 import typer
 
 from mner.errors import ConfigError
-
-ParamsOpt = Annotated[
-    Path | None, typer.Option("--params", help="params.yaml; its `train` section is read")
-]
-OverrideOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "-o",
-        "--override",
-        help="key=value overriding a train option (epochs=3) or a head option "
-        "(head.no_cm=true, or no_cm=true when unambiguous)",
-    ),
-]
-
-
-def _seeds(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: expected integers separated by commas, e.g. 1,2,3") from None
+from mner.pipeline.options import OverrideAliasOpt, OverrideOpt, ParamsOpt, overrides
 
 
 def train(
@@ -41,26 +20,28 @@ def train(
     model: Annotated[str | None, typer.Option("--model", help="head name (see `mner models`)")] = None,
     profile: Annotated[str | None, typer.Option("--profile", help="paper or tiny")] = None,
     encoder: Annotated[str | None, typer.Option("--encoder", help="HF name or local folder of the encoder")] = None,
-    seeds: Annotated[str | None, typer.Option("--seeds", help="comma-separated seeds, one run each")] = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="comma-separated seeds, one run each, e.g. 1,2,3")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --out")] = False,
     params: ParamsOpt = None,
     override: OverrideOpt = None,
+    override_alias: OverrideAliasOpt = None,
 ) -> None:
     """Fine-tune encoder + fusion head + CRF on cached features; writes RUN/metrics.json."""
-    from mner.config import load_section
-    from mner.train.config import make_train_config
+    from mner.config import configure
+    from mner.train.config import TrainConfig, route_head_options
     from mner.train.trainer import train_run
 
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    cfg = make_train_config(
-        load_section(params, "train"),
-        override,
-        where=f"{params}:train" if params else "train",
-        model=model,
-        profile=profile,
-        encoder=encoder,
-        seeds=_seeds(seeds),
+    # -o sets a train option (epochs=3) or a head option (head.no_cm=true, or no_cm=true
+    # when no_cm is only a head option); --seeds "1,2,3" is read like -o seeds=1,2,3.
+    cfg = configure(
+        TrainConfig,
+        "train",
+        params=params,
+        flags={"model": model, "profile": profile, "encoder": encoder, "seeds": seeds},
+        overrides=overrides(override, override_alias),
+        route=route_head_options,
     )
     src = data[0] if len(data) == 1 else data
     result = train_run(cfg, src, features, out, resume=resume, overwrite=overwrite)

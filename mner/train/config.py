@@ -10,7 +10,7 @@ Head options live in ``head`` (a mapping validated against the head's own ``Conf
 dataclass and stored with its defaults filled in). On the command line they are set as
 ``-o head.no_cm=true``; a bare ``-o no_cm=true`` is accepted when ``no_cm`` is not a
 ``TrainConfig`` field but is a field of the selected head's config (see
-:func:`make_train_config`).
+:func:`route_head_options`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mner.config import build, merge, parse_overrides, to_dict
+from mner.config import build, configure, merge, to_dict
 from mner.errors import ConfigError
 
 #: The one place profile-dependent defaults live. Paper values follow the UMT/MAF
@@ -176,10 +176,9 @@ def make_train_config(
 ) -> TrainConfig:
     """Build a :class:`TrainConfig` from a params section, CLI flags and ``-o`` overrides.
 
-    Precedence: ``section`` < ``flags`` (named CLI options, ``None`` = not given) <
-    ``overrides``. An override key that is not a ``TrainConfig`` field but is a field
-    of the selected head's ``Config`` goes into ``head`` (``-o no_cm=true`` is
-    ``-o head.no_cm=true``); any other unknown key is a ConfigError.
+    A thin wrapper of :func:`mner.config.configure` (the one config path) with
+    :func:`route_head_options` as its override hook. Precedence: ``section`` <
+    ``flags`` (named CLI options, ``None`` = not given) < ``overrides``.
 
     Args:
         section: the ``train`` section of params.yaml (may be empty).
@@ -190,23 +189,40 @@ def make_train_config(
     Returns:
         The validated config.
     """
-    data = dict(section or {})
-    data = merge(data, {k: v for k, v in flags.items() if v is not None})
-    over = parse_overrides(overrides)
+    return configure(
+        TrainConfig, "train", values=section or {}, values_where=where, flags=flags,
+        overrides=overrides, route=route_head_options,
+    )
+
+
+def route_head_options(over: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Send bare ``-o`` keys of the selected head's ``Config`` into ``head``.
+
+    ``-o no_cm=true`` is ``-o head.no_cm=true`` when ``no_cm`` is not a ``TrainConfig``
+    field but is a field of the head's config; any other unknown key is a ConfigError.
+
+    Args:
+        over: the parsed overrides.
+        base: the params section and flags merged so far (to find the model).
+
+    Returns:
+        ``over`` with the bare head options moved under ``head``.
+    """
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     bare = {k: v for k, v in over.items() if k not in fields}
-    if bare:
-        model = over.get("model", data.get("model", TrainConfig.model))
-        from mner.train.heads.base import get_head
+    if not bare:
+        return over
+    model = over.get("model", base.get("model", TrainConfig.model))
+    from mner.train.heads.base import get_head
 
-        head_fields = {f.name for f in dataclasses.fields(get_head(model).Config)}
-        unknown = sorted(set(bare) - head_fields)
-        if unknown:
-            raise ConfigError(
-                f"-o {unknown[0]}: not a train option nor an option of head {model!r}; "
-                f"train options: {', '.join(sorted(fields - {'head'}))}; head options: "
-                f"{', '.join(sorted(head_fields)) or '(none)'}"
-            )
-        over = {k: v for k, v in over.items() if k in fields}
-        over["head"] = merge(over.get("head", {}), bare)
-    return build(TrainConfig, merge(data, over), where=where if not over else f"{where} + -o")
+    head_fields = {f.name for f in dataclasses.fields(get_head(model).Config)}
+    unknown = sorted(set(bare) - head_fields)
+    if unknown:
+        raise ConfigError(
+            f"-o {unknown[0]}: not a train option nor an option of head {model!r}; "
+            f"train options: {', '.join(sorted(fields - {'head'}))}; head options: "
+            f"{', '.join(sorted(head_fields)) or '(none)'}"
+        )
+    routed = {k: v for k, v in over.items() if k in fields}
+    routed["head"] = merge(over.get("head", {}), bare)
+    return routed
