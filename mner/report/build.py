@@ -12,7 +12,9 @@ Writes into ``cfg.out``:
   image_dependent_f1}}}`` for ``dvc metrics show``;
 * ``dev_f1.csv`` and the PNG plots of :mod:`mner.report.plots`.
 
-Every file is written next to its final name and renamed when complete.
+Every file is written next to its final name and renamed when complete, while the
+folder is locked (:func:`mner.locks.locked`): a second report into the same folder stops
+with one line naming the holder.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mner.errors import DataError
+from mner.locks import locked
 from mner.report import plots, tables
 from mner.report.config import ReportConfig
 from mner.report.runs import Run, assign_labels, load_runs, pool_runs, provenance_of
@@ -47,6 +50,7 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
 
     Raises:
         DataError: when no usable run is left, or a run's files are malformed.
+        LockError: another live process is writing a report into ``cfg.out``.
     """
     loaded, skipped = load_runs(runs)
     for path, reason in skipped:
@@ -63,7 +67,21 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
     tabs = tables.build_tables(loaded, cfg.split, cfg.include_paper_numbers)
 
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # One writer per report folder: two reports into one --out would mix their files.
+    with locked(out, folder=True, what="report folder"):
+        written = _write_report(cfg, tabs, skipped, out)
+    return {
+        "out": str(out),
+        "files": [str(p) for p in written],
+        "datasets": {t.dataset: len(t.rows) for t in tabs},
+        "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
+    }
+
+
+def _write_report(
+    cfg: ReportConfig, tabs: list, skipped: list[tuple[Path, str]], out: Path
+) -> list[Path]:
+    """Write the plots and the four report files into ``out``; return the paths written."""
     written: list[Path] = []
     figures: dict[str, list[tuple[str, str]]] = {}
     if cfg.plots:
@@ -92,12 +110,7 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
     for name, text in files.items():
         _write_atomic(out / name, text)
         written.append(out / name)
-    return {
-        "out": str(out),
-        "files": [str(p) for p in written],
-        "datasets": {t.dataset: len(t.rows) for t in tabs},
-        "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
-    }
+    return written
 
 
 def _write_atomic(path: Path, text: str) -> None:
