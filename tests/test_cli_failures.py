@@ -149,3 +149,39 @@ def test_report_folder_is_locked_by_a_live_writer(one_run, tmp_path, mner_cli):
     assert f"took over a stale lock left by pid {holder.pid}" in err
     assert sorted(p.name for p in out.iterdir()) == [
         "dev_f1.csv", "metrics.json", "results.json", "results.md"]
+
+
+@pytest.mark.parametrize("code, line", [
+    (errno.EACCES, "out/x: cannot write (Permission denied); choose a writable folder or fix "
+                   "its permissions"),
+    (errno.EROFS, "out/x: cannot write (Read-only file system); choose a writable folder "
+                  "(this filesystem is read-only)"),
+    (errno.EDQUOT, "out/x: write failed (Disk quota exceeded); free space within your disk "
+                   "quota, or write elsewhere"),
+    (errno.ENOENT, "out/x: not found (No such file or directory); check the path; the folder "
+                   "it names must exist"),
+    (errno.ENOTSUP, "out/x: failed (Operation not supported); check the path and run again"),
+])
+def test_os_error_line_by_errno(code, line):
+    from mner.pipeline.cli import os_error_line
+
+    assert os_error_line(OSError(code, os.strerror(code), "out/x")) == line
+
+
+def test_os_error_line_finds_the_file_being_written(tmp_path):
+    """write() does not record a file name: the open file in the traceback is named."""
+    from mner.pipeline.cli import os_error_line
+
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    target = tmp_path / "data.bin"
+    try:
+        with open(target, "wb") as f:
+            Full().write(b"x")
+            f.write(b"never")
+    except OSError as exc:
+        line = os_error_line(exc)
+    assert line == (f"{target}: write failed (No space left on device); "
+                    "free disk space, or write elsewhere, and run again")

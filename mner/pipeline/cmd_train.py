@@ -10,7 +10,12 @@ from typing import Annotated
 import typer
 
 from mner.errors import ConfigError
-from mner.pipeline.options import OverrideAliasOpt, OverrideOpt, ParamsOpt, overrides
+from mner.pipeline.options import OverrideAliasOpt, ParamsOpt, override_option, overrides
+
+OverrideOpt = override_option(
+    "Set a train option (-o epochs=3) or a head option (-o head.no_cm=true, or -o no_cm=true "
+    "when unambiguous); repeatable, wins over --params and flags."
+)
 
 
 def train(

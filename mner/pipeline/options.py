@@ -7,7 +7,7 @@ path, so ``-o`` means the same thing everywhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,15 +16,18 @@ ParamsOpt = Annotated[
     typer.Option("--params", help="params.yaml to read this command's section from."),
 ]
 
-OverrideOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "-o",
-        "--set",
-        metavar="KEY=VALUE",
-        help="Override a setting: -o key=value (repeatable; wins over --params and flags).",
-    ),
-]
+
+
+def override_option(
+    help: str = "Override a setting: -o key=value (repeatable; wins over --params and flags).",
+) -> Any:
+    """The ``-o/--set KEY=VALUE`` option (repeatable), with a command's own help text."""
+    return Annotated[
+        list[str] | None, typer.Option("-o", "--set", metavar="KEY=VALUE", help=help)
+    ]
+
+
+OverrideOpt = override_option()
 
 #: ``--override``, the spelling ``mner train`` had before ``-o/--set`` became uniform;
 #: hidden, so that old command lines keep working without a second spelling in --help.
