@@ -152,7 +152,7 @@ def test_report_folder_is_locked_by_a_live_writer(one_run, tmp_path, mner_cli):
 
 
 @pytest.mark.parametrize("code, line", [
-    (errno.EACCES, "out/x: cannot write (Permission denied); choose a writable folder or fix "
+    (errno.EACCES, "out/x: cannot access (Permission denied); choose a writable folder or fix "
                    "its permissions"),
     (errno.EROFS, "out/x: cannot write (Read-only file system); choose a writable folder "
                   "(this filesystem is read-only)"),

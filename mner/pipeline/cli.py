@@ -64,8 +64,8 @@ def version() -> None:
 
 #: errno -> (what failed, what to do). Anything else: "failed", "check the path".
 _OS_FAILURES: dict[int, tuple[str, str]] = {
-    errno.EACCES: ("cannot write", "choose a writable folder or fix its permissions"),
-    errno.EPERM: ("cannot write", "choose a writable folder or fix its permissions"),
+    errno.EACCES: ("cannot access", "choose a writable folder or fix its permissions"),
+    errno.EPERM: ("cannot access", "choose a writable folder or fix its permissions"),
     errno.EROFS: ("cannot write", "choose a writable folder (this filesystem is read-only)"),
     errno.ENOSPC: ("write failed", "free disk space, or write elsewhere, and run again"),
     errno.EDQUOT: ("write failed", "free space within your disk quota, or write elsewhere"),
@@ -87,8 +87,10 @@ def os_error_line(exc: OSError) -> str:
     """
     path = exc.filename if exc.filename is not None else _path_in_traceback(exc.__traceback__)
     what, fix = _OS_FAILURES.get(exc.errno or -1, ("failed", "check the path and run again"))
-    reason = exc.strerror or str(exc)
-    head = f"{os.fsdecode(path)}: " if path is not None else ""
+    reason = " ".join((exc.strerror or str(exc)).split())  # some libraries' span lines
+    if isinstance(path, (str, bytes, os.PathLike)):
+        path = os.fsdecode(path)
+    head = f"{path}: " if path is not None else ""
     return f"{head}{what} ({reason}); {fix}"
 
 
