@@ -106,7 +106,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(CacheError, match="did not finish; re-run mner extract to resume"):
         FeatureCache(tmp_path / "p.h5")
     (tmp_path / "t.h5").write_text("hello")
-    with pytest.raises(CacheError, match="not an HDF5 file"):
+    with pytest.raises(CacheError, match="not a readable HDF5 feature cache"):
         FeatureCache(tmp_path / "t.h5")
     _make(tmp_path / "v.h5")
     with h5py.File(tmp_path / "v.h5", "a") as h5:

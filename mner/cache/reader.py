@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mner.cache import schema
+from mner.cache import integrity, schema
 from mner.cache.writer import decode_attr
 from mner.errors import CacheError
 
@@ -37,20 +37,24 @@ class FeatureCache:
             hint = (f" ({part.name} exists: the extraction did not finish; re-run mner extract "
                     "to resume)") if part.exists() else " (run mner extract first)"
             raise CacheError(f"{self.path}: no such cache{hint}")
-        if not h5py.is_hdf5(self.path):
-            raise CacheError(f"{self.path}: not an HDF5 file; re-run mner extract --overwrite")
         self._handles: dict[int, h5py.File] = {}
-        version = self.h5.attrs.get("schema_version")
+        try:
+            version = self.h5.attrs.get("schema_version")
+        except integrity.H5_ERRORS as exc:
+            raise integrity.unreadable(self.path, integrity.reason(exc)) from None
         if version != schema.SCHEMA_VERSION:
             raise CacheError(
                 f"{self.path}: cache schema version {version}, this mner reads "
                 f"{schema.SCHEMA_VERSION}; re-run mner extract --overwrite"
             )
-        ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["image_ids"][:]]
+        try:
+            ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["image_ids"][:]]
+            status = [s.decode() if isinstance(s, bytes) else s for s in self.h5["status"][:]]
+        except integrity.H5_ERRORS as exc:
+            raise integrity.unreadable(self.path, integrity.reason(exc)) from None
         self.image_ids: list[str] = ids
         self._row = {k: i for i, k in enumerate(ids)}
-        self._status = np.array([s.decode() if isinstance(s, bytes) else s
-                                 for s in self.h5["status"][:]], dtype=object)
+        self._status = np.array(status, dtype=object)
         self._text_row: dict[str, int] | None = None
 
     @property
@@ -61,7 +65,7 @@ class FeatureCache:
         if h is None or not h.id.valid:
             # Handles inherited from a parent process are dropped, never closed: closing
             # them here would close the parent's file descriptor state as well.
-            self._handles = {pid: h5py.File(self.path, "r")}
+            self._handles = {pid: integrity.open_h5(self.path)}
             h = self._handles[pid]
         return h
 
@@ -220,7 +224,20 @@ class FeatureCache:
 
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """Read sorted unique ``rows``; a contiguous run is one slice (much faster in h5py)."""
+    """Read sorted unique ``rows``; a contiguous run is one slice (much faster in h5py).
+
+    Raises:
+        CacheError: A chunk cannot be read (damaged on disk: checksum or decode failure).
+    """
+    try:
+        return _read(ds, rows)
+    except integrity.H5_ERRORS as exc:
+        raise CacheError(f"{ds.file.filename}: {ds.name.lstrip('/')} cannot be read "
+                         f"({integrity.reason(exc)}): the file is damaged; check it with mner "
+                         "inspect --verify and re-run mner extract --overwrite") from None
+
+
+def _read(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     if rows[-1] - rows[0] + 1 == len(rows):
         return ds[int(rows[0]): int(rows[-1]) + 1]
     if len(rows) > ds.shape[0] // 4:
