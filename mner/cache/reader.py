@@ -223,6 +223,73 @@ class FeatureCache:
         return out
 
 
+def stored_root_attrs(out: str | Path) -> dict[str, Any]:
+    """Root attributes of the cache a run on ``out`` would continue (JSON decoded).
+
+    The partial file when there is one (a resume), else the final file (an extension);
+    ``{}`` when neither exists or the file cannot be read (the writer then sets it aside
+    or reports it).
+    """
+    out = Path(out)
+    for f in (out.with_name(out.name + ".partial"), out):
+        if f.exists():
+            try:
+                with integrity.open_h5(f) as h5:
+                    return {k: decode_attr(k, v) for k, v in h5.attrs.items()}
+            except (CacheError, *integrity.H5_ERRORS):
+                return {}
+    return {}
+
+
+def holds_all(path: str | Path, *, profile: str, seed: int, groups: Sequence[str],
+              image_ids: Sequence[str], text_keys: Sequence[str]) -> bool:
+    """True when the complete cache ``path`` already holds every requested row.
+
+    Args:
+        path: A final cache file (need not exist).
+        profile, seed: Settings the cache must have been made with.
+        groups: Feature groups wanted.
+        image_ids: Image ids wanted.
+        text_keys: Sentence keys wanted (for ``clip_text``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        cache = FeatureCache(path)
+        h5 = cache.h5
+        try:
+            if h5.attrs.get("profile") != profile or h5.attrs.get("seed") != seed:
+                return False
+            if not set(image_ids) <= set(cache.image_ids):
+                return False
+            for g in groups:
+                if g == "clip_text":
+                    if not text_keys:
+                        continue
+                    if g not in h5:
+                        return False
+                    have = {k.decode() if isinstance(k, bytes) else k for k in h5[g][schema.TEXT_KEYS][:]}
+                    if not set(text_keys) <= have or not h5[g][schema.DONE][:].all():
+                        return False
+                elif g not in h5 or not h5[g][schema.DONE][:].all():
+                    return False
+            return True
+        finally:
+            cache.close()
+    except (CacheError, *integrity.H5_ERRORS):
+        return False
+
+
+def statuses_of(path: str | Path) -> dict[str, str]:
+    """``image id -> status`` of every row of the cache ``path``."""
+    cache = FeatureCache(path)
+    try:
+        return dict(zip(cache.image_ids, cache.status_of(cache.image_ids), strict=True))
+    finally:
+        cache.close()
+
+
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """Read sorted unique ``rows``; a contiguous run is one slice (much faster in h5py).
 

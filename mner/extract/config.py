@@ -58,7 +58,11 @@ class ExtractConfig:
             dtype is recorded in the cache and reused by ``mner predict``.
         threads: torch intra-op threads during the run (restored after); None leaves
             torch's setting. On a shared, busy CPU 1 is often several times faster than
-            more, since every parallel op waits for its slowest thread.
+            more, since every parallel op waits for its slowest thread. The cache does
+            not depend on it (see :func:`mner.extract.base.one_thread`).
+        follow_symlinks: Read image files that are symlinks resolving outside the images
+            folder; by default they get status ``outside`` (symlinks within the folder,
+            and a symlinked folder itself, always work).
     """
 
     profile: Literal["paper", "tiny"] = "paper"
@@ -84,6 +88,7 @@ class ExtractConfig:
     max_pixels: int = 89_478_485
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int | None = None
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in FEATURES]
