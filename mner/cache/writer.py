@@ -64,7 +64,7 @@ def _writes(method: Callable) -> Callable:
         except CacheError:
             raise
         except integrity.H5_ERRORS as exc:
-            self.failed = True
+            self.fail()
             raise self.write_error(exc) from None
 
     return wrapper
@@ -118,6 +118,19 @@ class CacheWriter:
         #: Set once a write failed: the open file may no longer be consistent.
         self.failed = False
 
+    def fail(self) -> None:
+        """Stop every further write to disk after a failed one.
+
+        libhdf5 flushes its dirty metadata when the file is closed, and would hit the
+        same full disk or size limit again: an error at every object's deallocation and,
+        at exit, a segfault. The file descriptor is pointed at ``/dev/null`` instead, so
+        the close completes and the partial file keeps exactly what reached the disk
+        (the next run verifies it before any reuse).
+        """
+        if not self.failed:
+            self.failed = True
+            _detach(self.h5)
+
     @property
     def part(self) -> Path:
         """The partial file being written."""
@@ -165,7 +178,10 @@ class CacheWriter:
                 why = check_partial(part)
                 if why is not None:
                     set_aside(part, why, warn)
-            h5 = h5py.File(part, "a" if part.exists() else "w")
+            # No chunk cache: every row write reaches the file inside the call that makes
+            # it, so a failure is an exception here and not a swallowed error when h5py
+            # later closes a dataset (which used to end in a segfault).
+            h5 = h5py.File(part, "a" if part.exists() else "w", rdcc_nbytes=0)
         except (CacheError, KeyboardInterrupt):
             raise
         except integrity.H5_ERRORS as exc:
@@ -426,9 +442,10 @@ class CacheWriter:
         try:
             self.h5.flush()
             self.h5.close()
-            with h5py.File(part, "a") as h5:
-                sums = integrity.checksums(h5)
-                h5.attrs[integrity.CHECKSUMS_ATTR] = json.dumps(sums, sort_keys=True)
+            self.h5 = h5py.File(part, "a", rdcc_nbytes=0)
+            sums = integrity.checksums(self.h5)
+            self.h5.attrs[integrity.CHECKSUMS_ATTR] = json.dumps(sums, sort_keys=True)
+            self.h5.close()
             with part.open("rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(part, self.out)
@@ -436,7 +453,7 @@ class CacheWriter:
         except CacheError:
             raise
         except integrity.H5_ERRORS as exc:
-            self.failed = True
+            self.fail()
             raise self.write_error(exc) from None
         return self.out
 
@@ -445,6 +462,21 @@ class CacheWriter:
         for ds in group.values():
             if isinstance(ds, h5py.Dataset) and ds.shape[0] < rows:
                 ds.resize(rows, axis=0)
+
+
+def _detach(h5: h5py.File) -> None:
+    """Point an open file's descriptor at ``/dev/null`` (see :meth:`CacheWriter.fail`)."""
+    try:
+        if not h5.id.valid:
+            return
+        fd = h5.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, TypeError, ValueError, RuntimeError):
+        pass
 
 
 def _fsync_dir(folder: Path) -> None:
