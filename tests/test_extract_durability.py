@@ -196,7 +196,7 @@ def test_unverifiable_partial_is_set_aside_and_the_run_starts_over(tmp_path, ref
 def test_second_extract_on_the_same_cache_is_refused(tmp_path, ref, mner_cli):
     images, _, want = ref
     out = tmp_path / "c.h5"
-    first = _spawn(images, out, env={BATCH_DELAY_ENV: "0.7"})
+    first = _spawn(images, out, env={BATCH_DELAY_ENV: "0.4"})
     try:
         _wait_for(partial_path(out), first)
         code, _, err = mner_cli("extract", "--images", images, "--out", out, *ARGS)
