@@ -10,8 +10,8 @@ from torchvision import transforms as T
 
 from mner import devices
 from mner.cache.reader import FeatureCache
-from mner.errors import CacheError
 from mner.devices import resolve_precision
+from mner.errors import CacheError
 from mner.extract.base import ByteTransform
 from mner.extract.config import ExtractConfig
 from mner.extract.runner import run_extract
@@ -128,3 +128,12 @@ def test_caches_from_before_precision_reproduce_their_old_rule():
     assert config_from_provenance(old, ["resnet"]).precision == "fp32"
     new = {"extract_config": {"profile": "tiny", "precision": "bf16"}, "resnet": {}}
     assert config_from_provenance(new, ["resnet"]).precision == "bf16"
+
+
+def test_predict_replays_a_float16_cache_as_float32_on_a_cpu(capsys):
+    from mner.extract.api import config_from_provenance
+
+    fp16 = {"extract_config": {"profile": "tiny", "precision": "fp16"}, "resnet": {}}
+    assert config_from_provenance(fp16, ["resnet"], device="cpu").precision == "fp32"
+    assert ("warning: the training cache: made in float16 on CUDA; computing in float32 on cpu"
+            in capsys.readouterr().err)

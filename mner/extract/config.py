@@ -52,10 +52,13 @@ class ExtractConfig:
         crop_size: Side of the square crop fed to CLIP, pixels.
         max_pixels: Decompression-bomb guard: larger images get status ``too_large``.
         precision: Autocast dtype of the frozen models: ``fp32`` (none), ``bf16``,
-            ``fp16``, or ``auto``: float16 on CUDA; on CPU bfloat16 where the processor
-            has native bfloat16 arithmetic (AVX512-BF16 / AMX; about 2x the float32
-            throughput for batched convolutions there), float32 elsewhere. The resolved
-            dtype is recorded in the cache and reused by ``mner predict``.
+            ``fp16`` (CUDA only), or ``auto``, resolved once per run by
+            :func:`mner.devices.resolve_precision` (the same rule as training): bfloat16
+            on CUDA devices that support it, else float16; on CPU bfloat16 where the
+            processor has native bfloat16 arithmetic (AVX512-BF16 / AMX; about 2x the
+            float32 throughput for batched convolutions there), float32 elsewhere. The
+            resolved dtype is recorded in the cache; resuming or extending continues in
+            it and ``mner predict`` replays it (:func:`mner.devices.replay_precision`).
         threads: torch intra-op threads during the run (restored after); None leaves
             torch's setting. On a shared, busy CPU 1 is often several times faster than
             more, since every parallel op waits for its slowest thread. The cache does
