@@ -185,3 +185,15 @@ def test_inspect_summary_and_checksums(tmp_path):
     text = format_summary(a)
     assert "schema 1" in text and "ok 2" in text and "resnet/grid" in text and "3x49x8" in text
     json.dumps(a, default=str)
+
+
+def test_commit_records_checksums_apart_from_provenance(tmp_path):
+    from mner.cache.integrity import checksums
+
+    _make(tmp_path / "a.h5")
+    cache = FeatureCache(tmp_path / "a.h5")
+    assert "checksums" not in cache.provenance
+    with h5py.File(tmp_path / "a.h5", "r") as h5:
+        assert cache.checksums == checksums(h5)
+    assert cache.checksums["resnet/grid"] == summary(tmp_path / "a.h5")["datasets"]["resnet/grid"]["sha256"]
+    assert set(cache.checksums) >= {"image_ids", "status", "resnet/grid", "objects/count"}

@@ -42,7 +42,7 @@ def summary(path: str | Path) -> dict[str, Any]:
 
 def _summary(cache: FeatureCache, path: str | Path) -> dict[str, Any]:
     h5 = cache.h5
-    prov = {k: v for k, v in cache.provenance.items() if k != integrity.CHECKSUMS_ATTR}
+    prov = cache.provenance
     datasets: dict[str, Any] = {}
     for name in ("image_ids", "status"):
         datasets[name] = {"shape": list(h5[name].shape), "dtype": "str", "sha256": checksum(h5[name])}

@@ -87,12 +87,20 @@ class FeatureCache:
         """Root attributes plus one entry per group with that group's attributes.
 
         ``provenance["profile"]``, ``provenance["resnet"]["model"]``, ... (JSON decoded).
+        The checksums recorded at completion are integrity data, not provenance: see
+        :attr:`checksums`.
         """
-        out: dict[str, Any] = {k: decode_attr(k, v) for k, v in self.h5.attrs.items()}
+        out: dict[str, Any] = {k: decode_attr(k, v) for k, v in self.h5.attrs.items()
+                               if k != integrity.CHECKSUMS_ATTR}
         for g in schema.GROUPS:
             if g in self.h5:
                 out[g] = {k: decode_attr(k, v) for k, v in self.h5[g].attrs.items()}
         return out
+
+    @property
+    def checksums(self) -> dict[str, str] | None:
+        """``{"group/dataset": sha256}`` recorded at completion (None for older caches)."""
+        return integrity.recorded_checksums(self.h5)
 
     @property
     def datasets(self) -> set[str]:
