@@ -269,6 +269,9 @@ def test_verify_finds_flipped_bytes_and_reading_them_is_a_cache_error(tmp_path, 
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {copy}: resnet/grid: ")
+    code, _, err = mner_cli("inspect", copy)  # the plain summary reads everything too
+    assert code == 2 and err.startswith(f"error: {copy}: resnet/grid cannot be read (")
+    assert err.count("\n") == 1
     cache = FeatureCache(copy)
     cache.load(["resnet/grid"], ["im0", "im1"])  # undamaged rows still read
     with pytest.raises(CacheError, match=r"resnet/grid cannot be read .*the file is damaged; check it "

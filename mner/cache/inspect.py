@@ -45,7 +45,7 @@ def _summary(cache: FeatureCache, path: str | Path) -> dict[str, Any]:
     prov = cache.provenance
     datasets: dict[str, Any] = {}
     for name in ("image_ids", "status"):
-        datasets[name] = {"shape": list(h5[name].shape), "dtype": "str", "sha256": checksum(h5[name])}
+        datasets[name] = {"shape": list(h5[name].shape), "dtype": "str", "sha256": _checksum(name, h5[name])}
     for g in schema.GROUPS:
         if g not in h5:
             continue
@@ -53,18 +53,26 @@ def _summary(cache: FeatureCache, path: str | Path) -> dict[str, Any]:
         for s in schema.GROUPS[g]:
             ds = h5[g][s.name]
             datasets[f"{g}/{s.name}"] = {"shape": list(ds.shape), "dtype": str(ds.dtype),
-                                         "sha256": checksum(ds),
+                                         "sha256": _checksum(f"{g}/{s.name}", ds),
                                          "done": f"{int(done.sum())}/{len(done)}"}
         if g == "clip_text":
             ds = h5[g][schema.TEXT_KEYS]
             datasets[f"{g}/{schema.TEXT_KEYS}"] = {"shape": list(ds.shape), "dtype": "str",
-                                                   "sha256": checksum(ds)}
+                                                   "sha256": _checksum(f"{g}/{schema.TEXT_KEYS}", ds)}
     return {"path": str(path), "schema_version": prov.get("schema_version"),
             "provenance": prov, "images": len(cache.image_ids),
             "status": dict(Counter(cache.status_of(cache.image_ids))),
             "statuses": statuses(cache),
             "sentences": int(h5["clip_text"][schema.TEXT_KEYS].shape[0]) if "clip_text" in h5 else 0,
             "datasets": datasets}
+
+
+def _checksum(name: str, ds: Any) -> str:
+    try:
+        return checksum(ds)
+    except integrity.H5_ERRORS as exc:
+        raise CacheError(f"{ds.file.filename}: {name} cannot be read ({integrity.reason(exc)}); "
+                         "check it with mner inspect --verify and re-run mner extract --overwrite") from None
 
 
 def statuses(cache: FeatureCache) -> dict[str, list[str]]:

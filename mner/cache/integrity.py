@@ -46,7 +46,7 @@ def reason(exc: BaseException) -> str:
         return m.group(1)
     if isinstance(exc, OSError) and exc.strerror and not text.startswith("Unable"):
         return exc.strerror
-    m = re.match(r"(?:\[Errno -?\d+\] )?Unable to [^(]*\((.*)\)\s*$", text)
+    m = re.match(r"(?:\[Errno -?\d+\] )?(?:Unable to|Can't) [^(]*\((.*)\)\s*$", text)
     if m:
         text = m.group(1)
     text = " ".join(text.split())

@@ -278,6 +278,10 @@ class CacheWriter:
     def set_status(self, rows: np.ndarray, statuses: Sequence[str]) -> None:
         """Overwrite the status of ``rows`` (a status is final once its row is computed)."""
         ds = self.h5["status"]
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+            ds[int(rows[0]): int(rows[0]) + len(rows)] = np.array(list(statuses), dtype=object)
+            return
         for r, s in zip(rows, statuses, strict=True):
             ds[int(r)] = s
 
