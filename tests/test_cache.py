@@ -106,7 +106,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(CacheError, match="did not finish; re-run mner extract to resume"):
         FeatureCache(tmp_path / "p.h5")
     (tmp_path / "t.h5").write_text("hello")
-    with pytest.raises(CacheError, match="not an HDF5 file"):
+    with pytest.raises(CacheError, match="not a readable HDF5 feature cache"):
         FeatureCache(tmp_path / "t.h5")
     _make(tmp_path / "v.h5")
     with h5py.File(tmp_path / "v.h5", "a") as h5:
@@ -185,3 +185,15 @@ def test_inspect_summary_and_checksums(tmp_path):
     text = format_summary(a)
     assert "schema 1" in text and "ok 2" in text and "resnet/grid" in text and "3x49x8" in text
     json.dumps(a, default=str)
+
+
+def test_commit_records_checksums_apart_from_provenance(tmp_path):
+    from mner.cache.integrity import checksums
+
+    _make(tmp_path / "a.h5")
+    cache = FeatureCache(tmp_path / "a.h5")
+    assert "checksums" not in cache.provenance
+    with h5py.File(tmp_path / "a.h5", "r") as h5:
+        assert cache.checksums == checksums(h5)
+    assert cache.checksums["resnet/grid"] == summary(tmp_path / "a.h5")["datasets"]["resnet/grid"]["sha256"]
+    assert set(cache.checksums) >= {"image_ids", "status", "resnet/grid", "objects/count"}

@@ -87,3 +87,39 @@ def test_params_file_errors_name_the_file(tmp_path, images, mner_cli):
 def test_inspect_missing_file(tmp_path, mner_cli):
     code, _, stderr = mner_cli("inspect", tmp_path / "none.h5")
     assert code == 2 and "none.h5: no such cache" in stderr
+
+
+def _statuses(out):
+    cache = FeatureCache(out)
+    return dict(zip(cache.image_ids, cache.status_of(cache.image_ids), strict=True))
+
+
+def test_one_rule_with_and_without_data_gif_and_symlinks(tmp_path, mner_cli):
+    rng = np.random.default_rng(1)
+    frames = [Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(2)]
+    elsewhere = tmp_path / "private"
+    elsewhere.mkdir()
+    frames[0].save(elsewhere / "secret.png")
+    d = tmp_path / "real_images"
+    d.mkdir()
+    frames[0].save(d / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    frames[1].save(d / "plain.PNG")
+    (d / "out.png").symlink_to(elsewhere / "secret.png")
+    (d / "in.jpg").symlink_to(d / "plain.PNG")
+    images = tmp_path / "images"
+    images.symlink_to(d, target_is_directory=True)  # README: a symlinked folder works
+    conll = tmp_path / "train.txt"
+    conll.write_text("".join(f"IMGID:{i}\nRome\tB-LOC\n\n" for i in ("anim", "plain", "out", "in")))
+    want = {"anim": "ok", "plain": "ok", "out": "outside", "in": "ok"}
+    base = ["extract", "--images", images, "--profile", "tiny", "--features", "resnet", "--quiet",
+            "--device", "cpu", "--workers", "0"]
+    code, _, err = mner_cli(*base, "--out", tmp_path / "a.h5")
+    assert code == 0, err
+    assert _statuses(tmp_path / "a.h5") == want
+    assert "image out: outside (symlink to " in err and "-o follow_symlinks=true" in err
+    code, _, err = mner_cli(*base, "--out", tmp_path / "b.h5", "--data", conll)
+    assert code == 0, err
+    assert _statuses(tmp_path / "b.h5") == want
+    code, _, err = mner_cli(*base, "--out", tmp_path / "c.h5", "-o", "follow_symlinks=true")
+    assert code == 0, err
+    assert _statuses(tmp_path / "c.h5") == {**want, "out": "ok"}

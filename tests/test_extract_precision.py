@@ -10,8 +10,9 @@ from torchvision import transforms as T
 
 from mner import devices
 from mner.cache.reader import FeatureCache
+from mner.devices import resolve_precision
 from mner.errors import CacheError
-from mner.extract.base import ByteTransform, resolve_precision
+from mner.extract.base import ByteTransform
 from mner.extract.config import ExtractConfig
 from mner.extract.runner import run_extract
 
@@ -21,13 +22,55 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_auto_precision_per_device(monkeypatch):
+    # Extraction uses the one policy of mner.devices: bf16 on CUDA where supported.
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     assert resolve_precision("auto", CPU) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", CUDA) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("auto", CUDA) == "fp16"
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     assert resolve_precision("auto", CPU) == "fp32"
-    for explicit in ("fp32", "bf16", "fp16"):
+    for explicit in ("fp32", "bf16"):
         assert resolve_precision(explicit, CPU) == explicit == resolve_precision(explicit, CUDA)
+    assert resolve_precision("fp16", CUDA) == "fp16"
+
+
+def test_precision_is_resolved_once_per_run(tmp_path, monkeypatch):
+    from mner.extract import runner
+
+    calls = []
+    real = runner.resolve_precision
+    monkeypatch.setattr(runner, "resolve_precision",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(devices, "resolve_precision",
+                        lambda *a, **k: pytest.fail("an extractor resolved precision again"))
+    images = _images(tmp_path / "images")
+    run_extract(ExtractConfig(profile="tiny", features=("resnet", "objects"), precision="auto",
+                              workers=0, device="cpu"), images, out=tmp_path / "c.h5", progress=False)
+    assert len(calls) == 1
+    assert FeatureCache(tmp_path / "c.h5").provenance["extract_config"]["precision"] in ("bf16", "fp32")
+
+
+def test_extending_a_cache_replays_its_precision(tmp_path, monkeypatch):
+    from mner.errors import ConfigError
+    from mner.extract.runner import run_precision
+
+    images = _images(tmp_path / "images")
+    out = tmp_path / "c.h5"
+    run_extract(ExtractConfig(profile="tiny", features=("resnet",), precision="fp32", workers=0),
+                images, out=out, progress=False)
+    # auto continues in the recorded precision, whatever this machine would pick
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert run_precision(ExtractConfig(profile="tiny", precision="auto"), out, CPU) == "fp32"
+    assert run_precision(ExtractConfig(profile="tiny", precision="auto", overwrite=True), out, CPU) == "bf16"
+    # a cache made in float16 on CUDA cannot be extended exactly on a CPU
+    import h5py
+
+    with h5py.File(out, "a") as h5:
+        h5.attrs["extract_config"] = '{"precision": "fp16", "profile": "tiny"}'
+    with pytest.raises(ConfigError, match="made in float16 on CUDA, which a cpu cannot continue exactly"):
+        run_precision(ExtractConfig(profile="tiny", precision="auto"), out, CPU)
 
 
 def test_byte_transform_is_bit_identical_to_the_float_transform():
@@ -85,3 +128,12 @@ def test_caches_from_before_precision_reproduce_their_old_rule():
     assert config_from_provenance(old, ["resnet"]).precision == "fp32"
     new = {"extract_config": {"profile": "tiny", "precision": "bf16"}, "resnet": {}}
     assert config_from_provenance(new, ["resnet"]).precision == "bf16"
+
+
+def test_predict_replays_a_float16_cache_as_float32_on_a_cpu(capsys):
+    from mner.extract.api import config_from_provenance
+
+    fp16 = {"extract_config": {"profile": "tiny", "precision": "fp16"}, "resnet": {}}
+    assert config_from_provenance(fp16, ["resnet"], device="cpu").precision == "fp32"
+    assert ("warning: the training cache: made in float16 on CUDA; computing in float32 on cpu"
+            in capsys.readouterr().err)

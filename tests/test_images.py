@@ -258,3 +258,49 @@ def test_float_tiff_in_unit_range(tmp_path):
     d = load_image(write(tmp_path, "f.tiff", encoded(im, "TIFF")))
     arr = assert_ok(d, (3, 1))
     assert arr[0, :, 1].tolist() == [0, 128, 255]
+
+
+# -- one rule for finding image files; symlinks -------------------------------------------
+
+
+def test_find_image_and_the_folder_scan_accept_the_same_files(tmp_path):
+    from mner.data.images import find_image, list_image_files
+
+    frames = [noisy(seed=1), noisy(seed=2)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    noisy().save(tmp_path / "upper.PNG")
+    noisy().save(tmp_path / "b.webp")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "mixed.Jpg").write_bytes(encoded(noisy(), "JPEG"))  # neither rule accepts it
+    (tmp_path / "sub.jpg").mkdir()
+    listed = list_image_files(tmp_path)
+    assert [p.name for p in listed] == ["anim.gif", "b.webp", "upper.PNG"]
+    for p in listed:
+        assert find_image(tmp_path, p.stem) == p
+    assert find_image(tmp_path, "mixed") is None and find_image(tmp_path, "notes") is None
+    assert find_image(tmp_path, "sub") is None
+
+
+def test_symlinks_leaving_the_folder_are_refused_unless_allowed(tmp_path):
+    from mner.data.images import check_image, find_image, outside
+
+    elsewhere = tmp_path / "private"
+    elsewhere.mkdir()
+    noisy().save(elsewhere / "secret.png")
+    d = tmp_path / "images"
+    d.mkdir()
+    noisy().save(d / "real.png")
+    (d / "out.png").symlink_to(elsewhere / "secret.png")
+    (d / "in.png").symlink_to(d / "real.png")
+    link_dir = tmp_path / "linked_images"
+    link_dir.symlink_to(d, target_is_directory=True)
+
+    assert check_image(find_image(d, "out"), images_dir=d) is ImageStatus.OUTSIDE
+    assert outside(d, d / "out.png") == (elsewhere / "secret.png").resolve()
+    assert check_image(find_image(d, "out"), images_dir=d, follow_symlinks=True) is ImageStatus.OK
+    assert check_image(find_image(d, "in"), images_dir=d) is ImageStatus.OK
+    # a symlinked images folder is resolved first: its files are inside it
+    assert check_image(find_image(link_dir, "real"), images_dir=link_dir) is ImageStatus.OK
+    assert check_image(find_image(link_dir, "out"), images_dir=link_dir) is ImageStatus.OUTSIDE
+    assert check_image(find_image(d, "out")) is ImageStatus.OK  # no folder given: not judged
+    assert ImageStatus.OUTSIDE.broken and not ImageStatus.OUTSIDE.usable

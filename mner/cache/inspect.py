@@ -1,39 +1,22 @@
 """``mner inspect``: what a cache holds, and checksums to compare two caches.
 
-The content checksum of a dataset is the sha256 of its raw bytes in C order (read in
-row blocks), so two caches with equal checksums hold identical tensors whatever their
-HDF5 chunking or creation time.
+The content checksum of a dataset (:func:`mner.cache.integrity.checksum`) is the sha256
+of its values in C order, so two caches with equal checksums hold identical tensors
+whatever their HDF5 chunking or creation time. ``--verify`` compares them with the
+checksums recorded when the cache was completed (:func:`mner.cache.integrity.verify`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import h5py
-import numpy as np
-
-from mner.cache import schema
+from mner.cache import integrity, schema
+from mner.cache.integrity import BLOCK_ROWS, checksum, verify  # noqa: F401 - public here too
 from mner.cache.reader import FeatureCache
-
-#: Rows hashed per read (keeps memory flat on large caches).
-BLOCK_ROWS = 1024
-
-
-def checksum(ds: h5py.Dataset) -> str:
-    """sha256 of a dataset's values (strings as UTF-8, one per line)."""
-    h = hashlib.sha256()
-    for i in range(0, max(ds.shape[0], 1) if ds.ndim else 1, BLOCK_ROWS):
-        block = ds[i: i + BLOCK_ROWS] if ds.ndim else ds[()]
-        if ds.dtype.kind == "O":
-            for s in np.atleast_1d(block):
-                h.update((s.decode() if isinstance(s, bytes) else str(s)).encode() + b"\n")
-        else:
-            h.update(np.ascontiguousarray(block).tobytes())
-    return h.hexdigest()
+from mner.errors import CacheError
 
 
 def summary(path: str | Path) -> dict[str, Any]:
@@ -41,14 +24,28 @@ def summary(path: str | Path) -> dict[str, Any]:
 
     Returns:
         ``{"path", "schema_version", "provenance", "images", "status": {status: count},
-        "sentences", "datasets": {name: {"shape", "dtype", "sha256", "done"?}}}``.
+        "statuses": {non-ok status: [image id, ...]}, "sentences",
+        "datasets": {name: {"shape", "dtype", "sha256", "done"?}}}``.
+
+    Raises:
+        CacheError: The file is missing, not a readable cache, or a dataset cannot be read.
     """
     cache = FeatureCache(path)
+    try:
+        return _summary(cache, path)
+    except CacheError:
+        raise
+    except integrity.H5_ERRORS as exc:
+        raise CacheError(f"{path}: cannot be read ({integrity.reason(exc)}); check it with mner "
+                         "inspect --verify and re-run mner extract --overwrite") from None
+
+
+def _summary(cache: FeatureCache, path: str | Path) -> dict[str, Any]:
     h5 = cache.h5
     prov = cache.provenance
     datasets: dict[str, Any] = {}
     for name in ("image_ids", "status"):
-        datasets[name] = {"shape": list(h5[name].shape), "dtype": "str", "sha256": checksum(h5[name])}
+        datasets[name] = {"shape": list(h5[name].shape), "dtype": "str", "sha256": _checksum(name, h5[name])}
     for g in schema.GROUPS:
         if g not in h5:
             continue
@@ -56,17 +53,42 @@ def summary(path: str | Path) -> dict[str, Any]:
         for s in schema.GROUPS[g]:
             ds = h5[g][s.name]
             datasets[f"{g}/{s.name}"] = {"shape": list(ds.shape), "dtype": str(ds.dtype),
-                                         "sha256": checksum(ds),
+                                         "sha256": _checksum(f"{g}/{s.name}", ds),
                                          "done": f"{int(done.sum())}/{len(done)}"}
         if g == "clip_text":
             ds = h5[g][schema.TEXT_KEYS]
             datasets[f"{g}/{schema.TEXT_KEYS}"] = {"shape": list(ds.shape), "dtype": "str",
-                                                   "sha256": checksum(ds)}
+                                                   "sha256": _checksum(f"{g}/{schema.TEXT_KEYS}", ds)}
     return {"path": str(path), "schema_version": prov.get("schema_version"),
             "provenance": prov, "images": len(cache.image_ids),
             "status": dict(Counter(cache.status_of(cache.image_ids))),
+            "statuses": statuses(cache),
             "sentences": int(h5["clip_text"][schema.TEXT_KEYS].shape[0]) if "clip_text" in h5 else 0,
             "datasets": datasets}
+
+
+def _checksum(name: str, ds: Any) -> str:
+    try:
+        return checksum(ds)
+    except integrity.H5_ERRORS as exc:
+        raise CacheError(f"{ds.file.filename}: {name} cannot be read ({integrity.reason(exc)}); "
+                         "check it with mner inspect --verify and re-run mner extract --overwrite") from None
+
+
+def statuses(cache: FeatureCache) -> dict[str, list[str]]:
+    """Image ids per non-ok status, in row order: ``{"truncated": ["17_06_4", ...], ...}``."""
+    out: dict[str, list[str]] = {}
+    for i, s in zip(cache.image_ids, cache.status_of(cache.image_ids), strict=True):
+        if s != "ok":
+            out.setdefault(s, []).append(i)
+    return dict(sorted(out.items()))
+
+
+def format_statuses(info: dict[str, Any]) -> str:
+    """One line per non-ok status listing its image ids (``--statuses``)."""
+    if not info["statuses"]:
+        return "every image is ok"
+    return "\n".join(f"{s} ({len(ids)}): {' '.join(ids)}" for s, ids in info["statuses"].items())
 
 
 def format_summary(info: dict[str, Any]) -> str:

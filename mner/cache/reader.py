@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from mner.cache import schema
+from mner.cache import integrity, schema
 from mner.cache.writer import decode_attr
 from mner.errors import CacheError
 
@@ -37,20 +37,24 @@ class FeatureCache:
             hint = (f" ({part.name} exists: the extraction did not finish; re-run mner extract "
                     "to resume)") if part.exists() else " (run mner extract first)"
             raise CacheError(f"{self.path}: no such cache{hint}")
-        if not h5py.is_hdf5(self.path):
-            raise CacheError(f"{self.path}: not an HDF5 file; re-run mner extract --overwrite")
         self._handles: dict[int, h5py.File] = {}
-        version = self.h5.attrs.get("schema_version")
+        try:
+            version = self.h5.attrs.get("schema_version")
+        except integrity.H5_ERRORS as exc:
+            raise integrity.unreadable(self.path, integrity.reason(exc)) from None
         if version != schema.SCHEMA_VERSION:
             raise CacheError(
                 f"{self.path}: cache schema version {version}, this mner reads "
                 f"{schema.SCHEMA_VERSION}; re-run mner extract --overwrite"
             )
-        ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["image_ids"][:]]
+        try:
+            ids = [s.decode() if isinstance(s, bytes) else s for s in self.h5["image_ids"][:]]
+            status = [s.decode() if isinstance(s, bytes) else s for s in self.h5["status"][:]]
+        except integrity.H5_ERRORS as exc:
+            raise integrity.unreadable(self.path, integrity.reason(exc)) from None
         self.image_ids: list[str] = ids
         self._row = {k: i for i, k in enumerate(ids)}
-        self._status = np.array([s.decode() if isinstance(s, bytes) else s
-                                 for s in self.h5["status"][:]], dtype=object)
+        self._status = np.array(status, dtype=object)
         self._text_row: dict[str, int] | None = None
 
     @property
@@ -61,7 +65,7 @@ class FeatureCache:
         if h is None or not h.id.valid:
             # Handles inherited from a parent process are dropped, never closed: closing
             # them here would close the parent's file descriptor state as well.
-            self._handles = {pid: h5py.File(self.path, "r")}
+            self._handles = {pid: integrity.open_h5(self.path)}
             h = self._handles[pid]
         return h
 
@@ -83,12 +87,20 @@ class FeatureCache:
         """Root attributes plus one entry per group with that group's attributes.
 
         ``provenance["profile"]``, ``provenance["resnet"]["model"]``, ... (JSON decoded).
+        The checksums recorded at completion are integrity data, not provenance: see
+        :attr:`checksums`.
         """
-        out: dict[str, Any] = {k: decode_attr(k, v) for k, v in self.h5.attrs.items()}
+        out: dict[str, Any] = {k: decode_attr(k, v) for k, v in self.h5.attrs.items()
+                               if k != integrity.CHECKSUMS_ATTR}
         for g in schema.GROUPS:
             if g in self.h5:
                 out[g] = {k: decode_attr(k, v) for k, v in self.h5[g].attrs.items()}
         return out
+
+    @property
+    def checksums(self) -> dict[str, str] | None:
+        """``{"group/dataset": sha256}`` recorded at completion (None for older caches)."""
+        return integrity.recorded_checksums(self.h5)
 
     @property
     def datasets(self) -> set[str]:
@@ -219,8 +231,88 @@ class FeatureCache:
         return out
 
 
+def stored_root_attrs(out: str | Path) -> dict[str, Any]:
+    """Root attributes of the cache a run on ``out`` would continue (JSON decoded).
+
+    The partial file when there is one (a resume), else the final file (an extension);
+    ``{}`` when neither exists or the file cannot be read (the writer then sets it aside
+    or reports it).
+    """
+    out = Path(out)
+    for f in (out.with_name(out.name + ".partial"), out):
+        if f.exists():
+            try:
+                with integrity.open_h5(f) as h5:
+                    return {k: decode_attr(k, v) for k, v in h5.attrs.items()}
+            except (CacheError, *integrity.H5_ERRORS):
+                return {}
+    return {}
+
+
+def holds_all(path: str | Path, *, profile: str, seed: int, groups: Sequence[str],
+              image_ids: Sequence[str], text_keys: Sequence[str]) -> bool:
+    """True when the complete cache ``path`` already holds every requested row.
+
+    Args:
+        path: A final cache file (need not exist).
+        profile, seed: Settings the cache must have been made with.
+        groups: Feature groups wanted.
+        image_ids: Image ids wanted.
+        text_keys: Sentence keys wanted (for ``clip_text``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        cache = FeatureCache(path)
+        h5 = cache.h5
+        try:
+            if h5.attrs.get("profile") != profile or h5.attrs.get("seed") != seed:
+                return False
+            if not set(image_ids) <= set(cache.image_ids):
+                return False
+            for g in groups:
+                if g == "clip_text":
+                    if not text_keys:
+                        continue
+                    if g not in h5:
+                        return False
+                    have = {k.decode() if isinstance(k, bytes) else k for k in h5[g][schema.TEXT_KEYS][:]}
+                    if not set(text_keys) <= have or not h5[g][schema.DONE][:].all():
+                        return False
+                elif g not in h5 or not h5[g][schema.DONE][:].all():
+                    return False
+            return True
+        finally:
+            cache.close()
+    except (CacheError, *integrity.H5_ERRORS):
+        return False
+
+
+def statuses_of(path: str | Path) -> dict[str, str]:
+    """``image id -> status`` of every row of the cache ``path``."""
+    cache = FeatureCache(path)
+    try:
+        return dict(zip(cache.image_ids, cache.status_of(cache.image_ids), strict=True))
+    finally:
+        cache.close()
+
+
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """Read sorted unique ``rows``; a contiguous run is one slice (much faster in h5py)."""
+    """Read sorted unique ``rows``; a contiguous run is one slice (much faster in h5py).
+
+    Raises:
+        CacheError: A chunk cannot be read (damaged on disk: checksum or decode failure).
+    """
+    try:
+        return _read(ds, rows)
+    except integrity.H5_ERRORS as exc:
+        raise CacheError(f"{ds.file.filename}: {ds.name.lstrip('/')} cannot be read "
+                         f"({integrity.reason(exc)}): the file is damaged; check it with mner "
+                         "inspect --verify and re-run mner extract --overwrite") from None
+
+
+def _read(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     if rows[-1] - rows[0] + 1 == len(rows):
         return ds[int(rows[0]): int(rows[-1]) + 1]
     if len(rows) > ds.shape[0] // 4:

@@ -1,28 +1,41 @@
 """Durable, resumable writing of the HDF5 feature cache.
 
 All writes go to ``NAME.h5.partial``; :meth:`CacheWriter.commit` renames it to
-``NAME.h5`` only once every requested row is done, so a reader never sees a
-half-written cache under the final name. Each group has a ``done`` flag per row that is
-set in the same flush as the row's tensors: a run that stops (an exception, Ctrl-C, a
-killed process between batches) is resumed by re-running it, which computes only rows
-whose flag is still False. A process killed *inside* an HDF5 write can leave the
-partial file unreadable; :meth:`CacheWriter.open` then starts over with a warning.
+``NAME.h5`` only once every requested row is done and the whole file has been read
+back, so the final name only ever holds a complete, readable cache.
+
+Completion is recorded after the data: a row's tensors and status are written and
+flushed first, its per-group ``done`` flag afterwards (:meth:`CacheWriter.write_rows`,
+:meth:`CacheWriter.mark_done`). A run that stops (a write error, Ctrl-C, a process
+killed between or inside writes) is resumed by re-running it, which computes only rows
+whose flag is still False. Before a partial file is reused it is verified (it opens,
+every dataset reads back, flags and statuses agree); one that cannot be verified is set
+aside as ``NAME.h5.partial.broken-<time>`` (never deleted) and the run starts over with
+a warning. A failed write (disk full, file-size limit, I/O error) is one
+:class:`~mner.errors.CacheError` line naming the file and the fix.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import shutil
-import warnings
-from collections.abc import Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
-from mner.cache import schema
+from mner.cache import integrity, schema
 from mner.errors import CacheError
+
+#: Groups whose rows hold a dense embedding that is never all zeros for a loaded image,
+#: so an ``ok`` + ``done`` row of zeros can only be a row whose data never reached disk.
+PROBES: dict[str, str] = {"resnet": "pooled", "clip": "image_embed"}
 
 
 def partial_path(out: Path) -> Path:
@@ -37,6 +50,60 @@ def encode_attr(name: str, value: Any) -> Any:
     return value
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _writes(method: Callable) -> Callable:
+    """Turn an I/O error inside a write into the one-line :class:`CacheError`."""
+
+    @functools.wraps(method)
+    def wrapper(self: CacheWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except CacheError:
+            raise
+        except integrity.H5_ERRORS as exc:
+            self.fail()
+            raise self.write_error(exc) from None
+
+    return wrapper
+
+
+def set_aside(part: Path, why: str, warn: Callable[[str], None] | None = None) -> Path:
+    """Rename an unusable partial file to ``NAME.partial.broken-<time>`` and warn."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = part.with_name(f"{part.name}.broken-{stamp}")
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = part.with_name(f"{part.name}.broken-{stamp}-{n}")
+    part.rename(dest)
+    (warn or _stderr)(f"warning: {part}: cannot be verified ({why}); set aside as {dest.name}, "
+                      "starting over")
+    return dest
+
+
+def check_partial(part: Path) -> str | None:
+    """Why ``part`` cannot be resumed (None when every dataset reads back and rows agree)."""
+    try:
+        with h5py.File(part, "r") as h5:
+            n = h5["image_ids"].shape[0] if "image_ids" in h5 else 0
+            if "status" in h5 and h5["status"].shape[0] != n:
+                return "image_ids and status differ in length"
+            for _, ds in integrity.content_datasets(h5):
+                integrity.checksum(ds)
+            for g in schema.GROUPS:
+                if g in h5:
+                    done = h5[g][schema.DONE][:]
+                    rows = h5[g][schema.TEXT_KEYS].shape[0] if g == "clip_text" else n
+                    if len(done) != rows or any(ds.shape[0] != rows for ds in h5[g].values()):
+                        return f"{g} has rows of different lengths"
+    except integrity.H5_ERRORS as exc:
+        return integrity.reason(exc)
+    return None
+
+
 class CacheWriter:
     """Row-wise writer of one cache file.
 
@@ -48,41 +115,113 @@ class CacheWriter:
     def __init__(self, out: Path, h5: h5py.File):
         self.out = out
         self.h5 = h5
+        #: Set once a write failed: the open file may no longer be consistent.
+        self.failed = False
+
+    def fail(self) -> None:
+        """Stop every further write to disk after a failed one.
+
+        libhdf5 flushes its dirty metadata when the file is closed, and would hit the
+        same full disk or size limit again: an error at every object's deallocation and,
+        at exit, a segfault. The file descriptor is pointed at ``/dev/null`` instead, so
+        the close completes and the partial file keeps exactly what reached the disk
+        (the next run verifies it before any reuse).
+        """
+        if not self.failed:
+            self.failed = True
+            _detach(self.h5)
+
+    @property
+    def part(self) -> Path:
+        """The partial file being written."""
+        return partial_path(self.out)
+
+    def write_error(self, exc: BaseException) -> CacheError:
+        """The one line for a failed write (what failed, which file, what to do)."""
+        return CacheError(f"{self.part}: writing the feature cache failed ({integrity.reason(exc)}); "
+                          "free disk space (or raise the file-size limit) and re-run the same "
+                          "mner extract to resume")
 
     @classmethod
-    def open(cls, out: Path, *, overwrite: bool = False) -> CacheWriter:
+    def open(cls, out: Path, *, overwrite: bool = False,
+             warn: Callable[[str], None] | None = None) -> CacheWriter:
         """Open ``out``'s partial file, resuming or extending when possible.
 
         * ``overwrite``: any previous partial or final file is discarded.
-        * an existing partial file: resumed (an interrupted run).
+        * an existing partial file: verified (:func:`check_partial`) and resumed, or set
+          aside with a warning when it cannot be verified.
         * only a final file: copied to the partial name and extended, so the final file
           stays valid until the extended one replaces it.
 
+        Rows that a previous run marked done but whose status or data never reached the
+        disk are marked not done again (see :meth:`distrust_incomplete_rows`).
+
+        Args:
+            out: The final cache path.
+            overwrite: Start from an empty file.
+            warn: Called with one line when a partial file is set aside (default stderr).
+
         Raises:
-            CacheError: If ``out`` exists but is not an HDF5 file.
+            CacheError: If ``out`` exists but is not a readable cache, or the folder
+                cannot be written.
         """
         out = Path(out)
         part = partial_path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            part.unlink(missing_ok=True)
-        elif not part.exists() and out.exists():
-            if not h5py.is_hdf5(out):
-                raise CacheError(
-                    f"{out}: exists and is not an HDF5 cache; choose another --out or pass --overwrite"
-                )
-            shutil.copyfile(out, part)
-        if part.exists():
-            try:
-                h5 = h5py.File(part, "a")
-            except OSError:
-                warnings.warn(f"{part}: unreadable partial cache (killed mid-write?); starting over",
-                              stacklevel=2)
-                part.unlink()
-                h5 = h5py.File(part, "w")
-        else:
-            h5 = h5py.File(part, "w")
-        return cls(out, h5)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                part.unlink(missing_ok=True)
+            elif not part.exists() and out.exists():
+                integrity.open_h5(out).close()  # one line for a damaged final file
+                shutil.copyfile(out, part)
+            if part.exists():
+                why = check_partial(part)
+                if why is not None:
+                    set_aside(part, why, warn)
+            # No chunk cache: every row write reaches the file inside the call that makes
+            # it, so a failure is an exception here and not a swallowed error when h5py
+            # later closes a dataset (which used to end in a segfault).
+            h5 = h5py.File(part, "a" if part.exists() else "w", rdcc_nbytes=0)
+        except (CacheError, KeyboardInterrupt):
+            raise
+        except integrity.H5_ERRORS as exc:
+            raise CacheError(f"{part}: cannot write the feature cache here ({integrity.reason(exc)}); "
+                             "check the folder's permissions and free space, or choose another "
+                             "--out") from None
+        writer = cls(out, h5)
+        writer.distrust_incomplete_rows()
+        return writer
+
+    @_writes
+    def distrust_incomplete_rows(self) -> int:
+        """Mark not done every row whose completion cannot be trusted; returns how many.
+
+        A row is untrusted when it is marked done but its status is still ``pending``
+        (the status write never landed), or it is ``ok`` and its probe embedding
+        (:data:`PROBES`) is all zeros (the fill value: its data never landed).
+        """
+        if "status" not in self.h5:
+            return 0
+        status = np.array([s.decode() if isinstance(s, bytes) else s for s in self.h5["status"][:]],
+                          dtype=object)
+        undone = 0
+        for g in schema.IMAGE_GROUPS:
+            if g not in self.h5:
+                continue
+            d = self.h5[g][schema.DONE]
+            done = d[:]
+            bad = done & (status == "pending")
+            if g in PROBES:
+                probe = self.h5[g][PROBES[g]][:]
+                zero = ~probe.reshape(len(probe), -1).any(axis=1)
+                bad |= done & (status == "ok") & zero
+            if bad.any():
+                done[bad] = False
+                d[:] = done
+                undone += int(bad.sum())
+        if undone:
+            self.h5.flush()
+        return undone
 
     # -- root -----------------------------------------------------------------------------
 
@@ -98,11 +237,13 @@ class CacheWriter:
         """Root attributes, JSON decoded."""
         return {k: decode_attr(k, v) for k, v in self.h5.attrs.items()}
 
+    @_writes
     def set_root_attrs(self, attrs: Mapping[str, Any]) -> None:
         """Set root attributes (JSON-encoding structured values)."""
         for k, v in attrs.items():
             self.h5.attrs[k] = encode_attr(k, v)
 
+    @_writes
     def add_images(self, ids: Sequence[str], statuses: Sequence[str]) -> np.ndarray:
         """Append images not yet present; grows every image group to the new row count.
 
@@ -133,14 +274,20 @@ class CacheWriter:
                 existing[i] = n0 + j
         return np.array([existing[i] for i in ids], dtype=np.int64)
 
+    @_writes
     def set_status(self, rows: np.ndarray, statuses: Sequence[str]) -> None:
         """Overwrite the status of ``rows`` (a status is final once its row is computed)."""
         ds = self.h5["status"]
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows))):
+            ds[int(rows[0]): int(rows[0]) + len(rows)] = np.array(list(statuses), dtype=object)
+            return
         for r, s in zip(rows, statuses, strict=True):
             ds[int(r)] = s
 
     # -- groups ---------------------------------------------------------------------------
 
+    @_writes
     def ensure_group(self, group: str, attrs: Mapping[str, Any], dims: Mapping[str, int],
                      rows: int) -> None:
         """Create ``group`` with empty datasets, or check an existing one matches ``attrs``.
@@ -176,10 +323,12 @@ class CacheWriter:
             shape = s.concrete_shape(rows, dict(dims))
             maxshape = (None,) + tuple(None if (group == "clip_text" and d == "E") else n
                                        for d, n in zip(s.shape[1:], shape[1:], strict=True))
+            # fletcher32: a chunk damaged on disk fails to read (a CacheError) instead of
+            # returning wrong numbers.
             g.create_dataset(s.name, shape=shape, maxshape=maxshape, dtype=s.dtype,
-                             chunks=_chunks(shape), fillvalue=0)
+                             chunks=_chunks(shape), fillvalue=0, fletcher32=True)
         g.create_dataset(schema.DONE, shape=(rows,), maxshape=(None,), dtype=bool,
-                         chunks=(1024,), fillvalue=False)
+                         chunks=(1024,), fillvalue=False, fletcher32=True)
         if group == "clip_text":
             g.create_dataset(schema.TEXT_KEYS, shape=(rows,), maxshape=(None,),
                              dtype=schema.STR_DTYPE, chunks=(1024,))
@@ -190,16 +339,22 @@ class CacheWriter:
             return np.zeros(len(self.image_ids), dtype=bool)
         return self.h5[group][schema.DONE][:]
 
-    def write_rows(self, group: str, rows: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write ``arrays[name][j]`` to row ``rows[j]`` and mark those rows done.
+    @_writes
+    def write_rows(self, group: str, rows: np.ndarray, arrays: Mapping[str, np.ndarray],
+                   *, mark: bool = True) -> None:
+        """Write ``arrays[name][j]`` to row ``rows[j]``; then, with ``mark``, mark them done.
 
         Rows absent from ``arrays`` (images that did not load) keep the zero fill value;
-        pass them in ``rows`` with empty ``arrays`` to just mark them done.
+        pass them in ``rows`` with empty ``arrays`` to just mark them done. With ``mark``
+        the data is flushed before the flags are set, so a flag on disk always means the
+        row's data is on disk too; callers that also write statuses pass ``mark=False``
+        and call :meth:`mark_done` after flushing those.
 
         Args:
             group: Group name.
             rows: Row indices, shape (B,).
             arrays: Dataset name -> array of shape (B, ...) matching the schema.
+            mark: Flush, then set the rows' done flags.
         """
         g = self.h5[group]
         rows = np.asarray(rows, dtype=np.int64)
@@ -214,9 +369,17 @@ class CacheWriter:
                 ds[int(srows[0]): int(srows[-1]) + 1] = arr
             elif len(srows):
                 ds[srows.tolist()] = arr
+        if mark:
+            self.h5.flush()
+            self.mark_done(group, rows)
+
+    @_writes
+    def mark_done(self, group: str, rows: np.ndarray) -> None:
+        """Set the done flags of ``rows`` (after their data was flushed) and flush them."""
+        srows = np.unique(np.asarray(rows, dtype=np.int64))
         if len(srows):
-            d = g[schema.DONE]
-            d[srows.tolist()] = True
+            self.h5[group][schema.DONE][srows.tolist()] = True
+            self.h5.flush()
 
     # -- clip_text ------------------------------------------------------------------------
 
@@ -227,6 +390,7 @@ class CacheWriter:
         return [s.decode() if isinstance(s, bytes) else s
                 for s in self.h5["clip_text"][schema.TEXT_KEYS][:]]
 
+    @_writes
     def add_text_keys(self, keys: Sequence[str]) -> np.ndarray:
         """Append sentence keys not yet present; returns the row of every key."""
         g = self.h5["clip_text"]
@@ -239,6 +403,7 @@ class CacheWriter:
             existing.update({k: n0 + j for j, k in enumerate(new)})
         return np.array([existing[k] for k in keys], dtype=np.int64)
 
+    @_writes
     def grow_entities(self, emax: int) -> None:
         """Widen clip_text/entities to at least ``emax`` entity slots."""
         ds = self.h5["clip_text"]["entities"]
@@ -247,19 +412,53 @@ class CacheWriter:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    @_writes
     def flush(self) -> None:
         """Push written rows and flags to disk (called once per batch)."""
         self.h5.flush()
 
     def close(self) -> None:
-        """Close the partial file, keeping it for a later resume."""
+        """Close the partial file, keeping it for a later resume.
+
+        After a failed write the close itself may fail again (the same full disk); the
+        partial is then left as it is, and the next run verifies it before any reuse.
+        """
         if self.h5.id.valid:
-            self.h5.close()
+            try:
+                self.h5.close()
+            except integrity.H5_ERRORS:
+                if not self.failed:
+                    raise
 
     def commit(self) -> Path:
-        """Close and atomically rename the partial file to the final path."""
-        self.close()
-        partial_path(self.out).replace(self.out)
+        """Verify the partial file, record its checksums and rename it to the final path.
+
+        The file is closed and reopened, every dataset is read back and hashed, the
+        checksums are stored in the root attribute ``checksums`` (``mner inspect
+        --verify`` compares against them), the file is fsynced and then atomically
+        renamed (``os.replace``), and the folder entry is fsynced too.
+
+        Raises:
+            CacheError: A dataset cannot be read back, or the folder cannot be written;
+                the partial file is kept and nothing is renamed.
+        """
+        part = self.part
+        try:
+            self.h5.flush()
+            self.h5.close()
+            self.h5 = h5py.File(part, "a", rdcc_nbytes=0)
+            sums = integrity.checksums(self.h5)
+            self.h5.attrs[integrity.CHECKSUMS_ATTR] = json.dumps(sums, sort_keys=True)
+            self.h5.close()
+            with part.open("rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(part, self.out)
+            _fsync_dir(self.out.parent)
+        except CacheError:
+            raise
+        except integrity.H5_ERRORS as exc:
+            self.fail()
+            raise self.write_error(exc) from None
         return self.out
 
     @staticmethod
@@ -267,6 +466,35 @@ class CacheWriter:
         for ds in group.values():
             if isinstance(ds, h5py.Dataset) and ds.shape[0] < rows:
                 ds.resize(rows, axis=0)
+
+
+def _detach(h5: h5py.File) -> None:
+    """Point an open file's descriptor at ``/dev/null`` (see :meth:`CacheWriter.fail`)."""
+    try:
+        if not h5.id.valid:
+            return
+        fd = h5.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, TypeError, ValueError, RuntimeError):
+        pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,8 +1,14 @@
 """Finding a tweet's image and telling whether it can be used.
 
-A tweet's image is ``IMAGES_DIR/<id>.jpg`` (or ``.jpeg``, ``.png``). A missing or broken
-image is reported as such, never replaced by a stock picture: the models are told, through
-an image mask, that there is no image.
+One rule for every command, with or without CoNLL data: a tweet's image is
+``IMAGES_DIR/<id><ext>`` with ``ext`` one of :data:`EXTENSIONS` (tried in that order),
+and a folder scan (:func:`list_image_files`) accepts exactly the files that rule would
+find. A missing or broken image is reported as such, never replaced by a stock picture:
+the models are told, through an image mask, that there is no image.
+
+Symlinks: the images folder itself may be a symlink (it is resolved first). A file that
+is a symlink resolving outside the folder is refused with status ``outside`` unless the
+caller allows it (``extract.follow_symlinks``), so an id can never read a file elsewhere.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-#: Extensions tried, in order, for ``<id>``.
-EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+#: Image suffixes (lower case), in the order tried for ``<id>``.
+SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+#: Extensions tried, in order, for ``<id>``: each suffix in lower, then upper case.
+EXTENSIONS: tuple[str, ...] = tuple(e for s in SUFFIXES for e in (s, s.upper()))
 
 
 class ImageStatus(StrEnum):
@@ -28,6 +37,7 @@ class ImageStatus(StrEnum):
     TRUNCATED = "truncated"  # the decoder ran out of data
     TOO_LARGE = "too_large"  # more pixels than the decompression-bomb guard allows
     NOT_IMAGE = "not_image"  # not an image format PIL knows (e.g. an HTML error page)
+    OUTSIDE = "outside"  # a symlink resolving outside the images folder (not followed)
 
     @property
     def usable(self) -> bool:
@@ -40,15 +50,22 @@ class ImageStatus(StrEnum):
         return self not in (ImageStatus.OK, ImageStatus.MISSING)
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name carries one of :data:`EXTENSIONS` (the one naming rule)."""
+    return any(name.endswith(ext) and len(name) > len(ext) for ext in EXTENSIONS)
+
+
 def find_image(images_dir: str | os.PathLike, image_id: str) -> Path | None:
     """The image file of ``image_id`` in ``images_dir``, or None when there is none.
 
     Args:
-        images_dir: Folder holding ``<id>.jpg`` / ``.jpeg`` / ``.png`` files.
+        images_dir: Folder holding ``<id><ext>`` files (``ext`` in :data:`EXTENSIONS`).
         image_id: The id from the tweet's IMGID line.
 
     Returns:
-        The first existing file among ``<id>`` + :data:`EXTENSIONS`, else None.
+        The first existing file among ``<id>`` + :data:`EXTENSIONS`, else None. A
+        symlink is returned as found; :func:`check_image` / :func:`outside` tell whether
+        it leaves the folder.
     """
     base = Path(images_dir)
     for ext in EXTENSIONS:
@@ -58,12 +75,44 @@ def find_image(images_dir: str | os.PathLike, image_id: str) -> Path | None:
     return None
 
 
-def check_image(path: str | os.PathLike | None, *, max_pixels: int | None = None) -> ImageStatus:
+def list_image_files(images_dir: str | os.PathLike) -> list[Path]:
+    """Every image file of a folder by the same rule as :func:`find_image`, sorted by name.
+
+    Broken symlinks and symlinks to files are included (their status tells what they
+    are); sub-folders are not.
+    """
+    base = Path(images_dir)
+    return sorted(p for p in base.iterdir()
+                  if is_image_name(p.name) and (p.is_file() or p.is_symlink()) and not p.is_dir())
+
+
+def outside(images_dir: str | os.PathLike, path: str | os.PathLike) -> Path | None:
+    """Where ``path`` really leads when that is outside ``images_dir``, else None.
+
+    The folder itself is resolved first, so a symlinked images folder works; a file
+    that is a symlink (or sits under a symlinked sub-folder) resolving elsewhere is
+    reported with its target.
+    """
+    root = Path(images_dir).resolve()
+    target = Path(path).resolve()
+    try:
+        target.relative_to(root)
+    except ValueError:
+        return target
+    return None
+
+
+def check_image(path: str | os.PathLike | None, *, max_pixels: int | None = None,
+                images_dir: str | os.PathLike | None = None,
+                follow_symlinks: bool = False) -> ImageStatus:
     """Classify an image file by fully decoding it.
 
     Args:
         path: The file (None means missing, as returned by :func:`find_image`).
         max_pixels: Decompression-bomb guard; defaults to PIL's ``Image.MAX_IMAGE_PIXELS``.
+        images_dir: The folder the file was found in; with it, a symlink resolving
+            outside that folder is :attr:`ImageStatus.OUTSIDE` (unless ``follow_symlinks``).
+        follow_symlinks: Accept symlinks that leave ``images_dir``.
 
     Returns:
         :class:`ImageStatus` of the file. The pixel data is decoded (``load()``, JPEGs at
@@ -73,6 +122,8 @@ def check_image(path: str | os.PathLike | None, *, max_pixels: int | None = None
     if path is None:
         return ImageStatus.MISSING
     path = Path(path)
+    if images_dir is not None and not follow_symlinks and outside(images_dir, path) is not None:
+        return ImageStatus.OUTSIDE
     try:
         size = path.stat().st_size
     except FileNotFoundError:

@@ -10,7 +10,7 @@ import numpy as np
 
 from mner.cache import schema
 from mner.config import build
-from mner.devices import resolve_device
+from mner.devices import replay_precision, resolve_device
 from mner.errors import CacheError
 from mner.extract.base import recorded_precision
 from mner.extract.config import ExtractConfig
@@ -21,6 +21,11 @@ from mner.extract.runner import build_extractors, run_batch
 def config_from_provenance(provenance: Mapping[str, Any], groups: Sequence[str],
                            device: str = "cpu") -> ExtractConfig:
     """The ExtractConfig a cache was made with, restricted to ``groups``.
+
+    The recorded precision is replayed on ``device`` by the one policy
+    (:func:`mner.devices.replay_precision`): float16 off CUDA becomes float32 with a
+    warning. Caches from before ``precision`` was recorded keep their old rule
+    (:func:`mner.extract.base.recorded_precision`).
 
     Raises:
         CacheError: If the provenance lacks ``extract_config`` or a requested group.
@@ -33,8 +38,10 @@ def config_from_provenance(provenance: Mapping[str, Any], groups: Sequence[str],
         raise CacheError(f"the cache has no {', '.join(missing)} features; re-extract with "
                          f"--features {','.join(groups)}")
     fields = {k: v for k, v in stored.items() if k in ExtractConfig.__dataclass_fields__}
+    dev = resolve_device(device)
     fields.update(features=list(groups), device=device, workers=0, overwrite=False,
-                  precision=recorded_precision(dict(stored), resolve_device(device)))
+                  precision=replay_precision(recorded_precision(dict(stored), dev), dev,
+                                             where="the training cache"))
     return build(ExtractConfig, fields, where="cache provenance extract_config")
 
 

@@ -9,6 +9,7 @@ dataset names (see :mod:`mner.cache.schema`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,17 +58,25 @@ class ByteTransform:
         return x.to(self.device, non_blocking=True).float().div_(255).sub_(self.mean).div_(self.std)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``fp16`` on CUDA, ``bf16`` on a CPU with native bfloat16, else ``fp32``.
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread (restored after).
 
-    Explicit values pass through: a cache's recorded precision is reproduced exactly by
-    ``mner predict`` whatever machine it runs on.
+    torch's CPU resampling kernels (``interpolate``: the detector's resize, the crops'
+    bicubic resize) round the last bit differently depending on how the work is split
+    between threads. A random or near-tied detector turns that bit into other boxes, so
+    these cheap steps run single-threaded: the cache is then the same whatever
+    ``threads`` is (the convolutions and sorts after them do not depend on it).
     """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "fp16"
-    return "bf16" if devices.cpu_has_bf16() else "fp32"
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def recorded_precision(extract_config: dict, device: torch.device) -> str:
@@ -96,6 +105,11 @@ def freeze(module: nn.Module) -> nn.Module:
 class Extractor:
     """Base of the per-group extractors.
 
+    The run resolves ``cfg.precision`` once (:func:`mner.devices.resolve_precision`, or
+    :func:`mner.devices.replay_precision` for a cache's recorded one) and passes a config
+    holding the resolved value; an extractor built directly from an ``auto`` config
+    resolves it by the same policy.
+
     Attributes:
         group: Cache group written (``"resnet"``, ``"clip"``, ...).
         device: Where the models run.
@@ -107,7 +121,8 @@ class Extractor:
     def __init__(self, cfg: ExtractConfig, device: torch.device):
         self.cfg = cfg
         self.device = device
-        self.precision = resolve_precision(cfg.precision, device)
+        self.precision = (cfg.precision if cfg.precision != "auto"
+                          else devices.resolve_precision("auto", device, what="extract.precision"))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the resolved precision; a no-op for ``fp32``."""

@@ -52,13 +52,20 @@ class ExtractConfig:
         crop_size: Side of the square crop fed to CLIP, pixels.
         max_pixels: Decompression-bomb guard: larger images get status ``too_large``.
         precision: Autocast dtype of the frozen models: ``fp32`` (none), ``bf16``,
-            ``fp16``, or ``auto``: float16 on CUDA; on CPU bfloat16 where the processor
-            has native bfloat16 arithmetic (AVX512-BF16 / AMX; about 2x the float32
-            throughput for batched convolutions there), float32 elsewhere. The resolved
-            dtype is recorded in the cache and reused by ``mner predict``.
+            ``fp16`` (CUDA only), or ``auto``, resolved once per run by
+            :func:`mner.devices.resolve_precision` (the same rule as training): bfloat16
+            on CUDA devices that support it, else float16; on CPU bfloat16 where the
+            processor has native bfloat16 arithmetic (AVX512-BF16 / AMX; about 2x the
+            float32 throughput for batched convolutions there), float32 elsewhere. The
+            resolved dtype is recorded in the cache; resuming or extending continues in
+            it and ``mner predict`` replays it (:func:`mner.devices.replay_precision`).
         threads: torch intra-op threads during the run (restored after); None leaves
             torch's setting. On a shared, busy CPU 1 is often several times faster than
-            more, since every parallel op waits for its slowest thread.
+            more, since every parallel op waits for its slowest thread. The cache does
+            not depend on it (see :func:`mner.extract.base.one_thread`).
+        follow_symlinks: Read image files that are symlinks resolving outside the images
+            folder; by default they get status ``outside`` (symlinks within the folder,
+            and a symlinked folder itself, always work).
     """
 
     profile: Literal["paper", "tiny"] = "paper"
@@ -84,6 +91,7 @@ class ExtractConfig:
     max_pixels: int = 89_478_485
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int | None = None
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in FEATURES]

@@ -26,7 +26,7 @@ import torch
 from open_clip.model import resize_pos_embed
 from torchvision.transforms import functional as TF
 
-from mner.extract.base import Extractor
+from mner.extract.base import Extractor, one_thread
 from mner.extract.clip import ClipBackbone
 from mner.extract.config import ExtractConfig
 
@@ -89,11 +89,12 @@ class CropExtractor(Extractor):
         out = {"patch_tokens": np.zeros((b, k, self.tokens, self.bb.width), np.float32),
                "boxes": np.zeros((b, k, 4), np.float32), "count": n}
         crops, where = [], []
-        for i, im in enumerate(images):
-            for j in range(n[i]):
-                crops.append(self.crop(im, boxes[i, j]))
-                where.append((i, j))
-                out["boxes"][i, j] = boxes[i, j]
+        with one_thread():  # bicubic resampling rounds by thread split (see one_thread)
+            for i, im in enumerate(images):
+                for j in range(n[i]):
+                    crops.append(self.crop(im, boxes[i, j]))
+                    where.append((i, j))
+                    out["boxes"][i, j] = boxes[i, j]
         if crops:
             x = torch.stack(crops).to(self.device)
             with self.autocast():

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mner.data.images import ImageStatus
+from mner.data.images import ImageStatus, outside
 from mner.extract.images import load_image
 
 
@@ -27,10 +27,14 @@ class ImageItems(Dataset):
         rows: Cache row per item.
         transforms: Extractor key -> callable mapping an RGB PIL image to its input.
         max_pixels: Decompression-bomb guard passed to ``load_image``.
+        root: The images folder; files resolving outside it (symlinks) get status
+            ``outside`` and are not read. None reads every path (symlinks followed).
     """
 
     def __init__(self, paths: Sequence[Path | None], rows: Sequence[int],
-                 transforms: dict[str, Callable[[Image.Image], Any]], max_pixels: int):
+                 transforms: dict[str, Callable[[Image.Image], Any]], max_pixels: int,
+                 root: Path | None = None):
+        self.root = root
         self.paths = list(paths)
         self.rows = list(rows)
         self.transforms = transforms
@@ -41,7 +45,13 @@ class ImageItems(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """``{"row", "status", "message", "size", <transform key>: tensor, ...}``."""
-        dec = load_image(self.paths[i], max_pixels=self.max_pixels)
+        path = self.paths[i]
+        escape = outside(self.root, path) if self.root is not None and path is not None else None
+        if escape is not None:
+            return {"row": self.rows[i], "status": ImageStatus.OUTSIDE.value, "size": None,
+                    "message": f"symlink to {escape}, outside the images folder; pass "
+                               "-o follow_symlinks=true to read it"}
+        dec = load_image(path, max_pixels=self.max_pixels)
         item: dict[str, Any] = {"row": self.rows[i], "status": dec.status.value,
                                 "message": dec.message, "size": None}
         if dec.status is ImageStatus.OK and dec.image is not None:

@@ -65,7 +65,7 @@ from mner.errors import ConfigError, DataError, WeightsError
 from mner.extract import weights as W
 from mner.extract.base import freeze
 from mner.extract.config import ExtractConfig
-from mner.extract.objects import Detector
+from mner.extract.detector import Detector
 from mner.provenance import sha256_file
 
 #: Model-zoo config used when ``d2_config`` is not set.

@@ -1,7 +1,9 @@
 """HamLearning's spatial relation graph over [IMG] and the detected objects.
 
-Paper: ../shared/papers/004_b9c1c4cb1bc4ba04.txt, section "Spatial Encoding"
-(HamLearning, after Yao et al. 2018). For a pair of objects o_i, o_j the paper computes
+Paper: P. Liu, H. Li, Y. Ren, J. Liu, S. Si, H. Zhu, L. Sun, "Hierarchical Aligned
+Multimodal Learning for NER on Tweet Posts" (HamLearning), AAAI 2024, section "Spatial
+Encoding" (after T. Yao, Y. Pan, Y. Li, T. Mei, "Exploring Visual Relationship for Image
+Captioning", ECCV 2018). For a pair of objects o_i, o_j the paper computes
 the centre distance d_ij, the IoU u_ij and the angle delta_ij of the vector
 (x_j - x_i, y_j - y_i) to the positive x axis, then labels the edge o_i -> o_j:
 

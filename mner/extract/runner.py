@@ -7,52 +7,61 @@ Order of work:
    (sorted by name; the id is the file stem).
 2. Build every extractor. Weights are resolved first, so an offline machine without
    local weights stops here, before any image is read or any file written.
-3. Open ``OUT.partial`` (resume / extend / overwrite, see :class:`CacheWriter`), add new
-   images, create or check the feature groups.
+3. Open ``OUT.partial`` (resume / extend / overwrite, see :class:`CacheWriter`; a
+   partial that cannot be verified is set aside), add new images, create or check the
+   feature groups.
 4. Rows with any requested group not done are decoded and preprocessed in DataLoader
-   workers and run through the models batch by batch; each batch's rows, statuses and
-   ``done`` flags are flushed together. Pending rows keep their original order and are
-   cut into batches from the first pending row, so a resumed run forms the same batches
-   as an uninterrupted one and writes byte-identical tensors.
+   workers and run through the models batch by batch; each batch's rows and statuses
+   are flushed first and its ``done`` flags after them, so a flag on disk always means
+   the row is on disk. Pending rows keep their original order and are cut into batches
+   from the first pending row, so a resumed run forms the same batches as an
+   uninterrupted one and writes byte-identical tensors.
 5. CLIP text embeddings of the sentences and gold entities (with ``data``).
-6. Rename ``OUT.partial`` to ``OUT``; print one line per image that did not load.
+6. Verify the file, record its checksums and rename ``OUT.partial`` to ``OUT``; print
+   one line per image that did not load.
+
+The whole run holds an exclusive lock on ``OUT`` (``OUT.lock``, :mod:`mner.locks`): a
+second run on the same ``--out`` stops with one line naming the holder and touches
+nothing. Precision is resolved once per run (:func:`run_precision`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import os
 import platform
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from importlib.metadata import version as _dist_version
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 import mner
 from mner.cache import schema
+from mner.cache.reader import holds_all, statuses_of, stored_root_attrs
 from mner.cache.writer import CacheWriter
 from mner.data.conll import Tweet, read_conll
-from mner.data.images import find_image
+from mner.data.images import find_image, list_image_files
 from mner.data.schemes import entities
-from mner.devices import resolve_device
+from mner.devices import replay_precision, resolve_device, resolve_precision
 from mner.errors import CacheError, DataError
-from mner.extract.base import recorded_precision, resolve_precision
+from mner.extract.base import recorded_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.relations import RELATION_NAMES, relation_matrix
 
-#: Files treated as images when no CoNLL data is given.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
-
 #: Test hook: raise after this many flushed batches (simulates a killed run).
 FAIL_AFTER_ENV = "MNER_EXTRACT_FAIL_AFTER"
+
+#: Test hook: sleep this many seconds after each flushed batch (lets a test act mid-run).
+BATCH_DELAY_ENV = "MNER_EXTRACT_BATCH_DELAY"
 
 #: Sentences per clip_text batch.
 TEXT_BATCH = 64
@@ -145,11 +154,15 @@ def run_batch(ex: dict[str, Any], batch: dict[str, Any], need: dict[str, list[in
 
 
 def list_images(images: Path, tweets: Sequence[Tweet] | None) -> tuple[list[str], list[Path | None]]:
-    """Image ids to extract and their files (None when an id has no file)."""
+    """Image ids to extract and their files (None when an id has no file).
+
+    Both ways use the one rule of :mod:`mner.data.images`: with tweets, each id is looked
+    up with :func:`find_image`; without, every file :func:`list_image_files` accepts.
+    """
     if tweets is not None:
         ids = list(dict.fromkeys(t.image_id for t in tweets))
         return ids, [find_image(images, i) for i in ids]
-    files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list_image_files(images)
     stems = Counter(p.stem for p in files)
     dup = [s for s, n in stems.items() if n > 1]
     if dup:
@@ -166,18 +179,41 @@ def library_versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "open_clip": open_clip.__version__,
-            "h5py": h5py.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+            "h5py": _dist_version("h5py"), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
-def _check_root(writer: CacheWriter, cfg: ExtractConfig, precision: str, device: torch.device) -> None:
+def run_precision(cfg: ExtractConfig, out: Path, device: torch.device) -> str:
+    """The one autocast precision of this run, resolved before any model is built.
+
+    A new cache: :func:`mner.devices.resolve_precision` of ``cfg.precision``. A cache
+    being resumed or extended continues in its recorded precision
+    (:func:`mner.devices.replay_precision` with ``exact=True``: rows computed in two
+    precisions would differ by more than rounding); an explicit setting that differs
+    from it is an error. Caches made before ``precision`` was recorded follow their old
+    rule (:func:`mner.extract.base.recorded_precision`).
+
+    Raises:
+        ConfigError: An unknown setting, fp16 on a CPU, or a recorded fp16 cache
+            continued off CUDA.
+        CacheError: An explicit precision other than the cache's.
+    """
+    stored = {} if cfg.overwrite else stored_root_attrs(out).get("extract_config")
+    if not isinstance(stored, Mapping) or not stored:
+        return resolve_precision(cfg.precision, device, what="extract.precision")
+    had = recorded_precision(dict(stored), device)
+    if cfg.precision == "auto":
+        return replay_precision(had, device, exact=True, where=str(out))
+    precision = resolve_precision(cfg.precision, device, what="extract.precision")
+    if had != precision:
+        raise CacheError(f"{out} was made with precision {had}, this run resolves to "
+                         f"{precision}; pass -o precision={had}, or --overwrite")
+    return precision
+
+
+def _check_root(writer: CacheWriter, cfg: ExtractConfig) -> None:
     root = writer.root_attrs
     if not root:
         return
-    had = recorded_precision(dict(root.get("extract_config") or {}), device)
-    if had != precision:
-        # Rows computed in two precisions would differ by more than rounding.
-        raise CacheError(f"{writer.out} was made with precision {had}, this run resolves to "
-                         f"{precision}; pass -o precision={had}, or --overwrite")
     if root.get("schema_version") != schema.SCHEMA_VERSION:
         raise CacheError(f"{writer.out}: schema version {root.get('schema_version')}, this mner "
                          f"writes {schema.SCHEMA_VERSION}; pass --overwrite")
@@ -185,33 +221,6 @@ def _check_root(writer: CacheWriter, cfg: ExtractConfig, precision: str, device:
         if root.get(key) != want:
             raise CacheError(f"{writer.out} was made with {key} {root.get(key)}, this run asks for "
                              f"{want}; pass --overwrite or choose another --out")
-
-
-def _already_complete(out: Path, cfg: ExtractConfig, ids: list[str], keys: list[str]) -> bool:
-    """True when ``out`` already holds every requested row (nothing to compute or copy)."""
-    if cfg.overwrite or not out.exists() or not h5py.is_hdf5(out):
-        return False
-    try:
-        with h5py.File(out, "r") as h5:
-            if h5.attrs.get("profile") != cfg.profile or h5.attrs.get("seed") != cfg.seed:
-                return False
-            have = {s.decode() if isinstance(s, bytes) else s for s in h5["image_ids"][:]}
-            if not set(ids) <= have:
-                return False
-            for g in cfg.features:
-                if g == "clip_text":
-                    if not keys:
-                        continue
-                    if g not in h5:
-                        return False
-                    tk = {s.decode() if isinstance(s, bytes) else s for s in h5[g][schema.TEXT_KEYS][:]}
-                    if not set(keys) <= tk or not h5[g][schema.DONE][:].all():
-                        return False
-                elif g not in h5 or not h5[g][schema.DONE][:].all():
-                    return False
-    except (OSError, KeyError):
-        return False
-    return True
 
 
 def run_extract(cfg: ExtractConfig, images: str | os.PathLike, data: Sequence[str | os.PathLike] | None = None,
@@ -234,16 +243,33 @@ def run_extract(cfg: ExtractConfig, images: str | os.PathLike, data: Sequence[st
     Raises:
         DataError: Missing images folder or CoNLL file.
         WeightsError: Weights unavailable (before any work).
-        CacheError: An existing cache made with other settings (without ``overwrite``).
+        CacheError: An existing cache made with other settings (without ``overwrite``),
+            a failed write (disk full, file-size limit; the partial file is kept for a
+            resume), or a cache that cannot be read.
+        LockError: Another process is writing ``out``.
     """
-    if cfg.threads is None:
-        return _run_extract(cfg, images, data, out, progress)
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    from mner.locks import locked
+
+    images, out = Path(images), Path(out)
+    if not images.is_dir():
+        raise DataError(f"{images}: no such images folder; pass --images DIR")
     try:
-        return _run_extract(cfg, images, data, out, progress)
+        lock = locked(out, folder=False, what="feature cache")
+        lock.__enter__()
+    except OSError as exc:
+        raise CacheError(f"{out}: cannot create files in {out.parent} ({exc.strerror or exc}); "
+                         "check the folder's permissions or choose another --out") from None
+    try:
+        if cfg.threads is None:
+            return _run_extract(cfg, images, data, out, progress)
+        before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        try:
+            return _run_extract(cfg, images, data, out, progress)
+        finally:
+            torch.set_num_threads(before)
     finally:
-        torch.set_num_threads(before)
+        lock.__exit__(None, None, None)
 
 
 def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
@@ -251,8 +277,6 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
                  progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     images, out = Path(images), Path(out)
-    if not images.is_dir():
-        raise DataError(f"{images}: no such images folder; pass --images DIR")
     tweets: list[Tweet] | None = None
     if data:
         tweets = []
@@ -262,23 +286,22 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
             tweets.extend(read_conll(f))
     ids, paths = list_images(images, tweets)
     text = _text_rows(tweets) if tweets is not None and "clip_text" in cfg.features else {}
-    if _already_complete(out, cfg, ids, list(text)):
-        with h5py.File(out, "r") as h5:
-            st = dict(zip((s.decode() if isinstance(s, bytes) else s for s in h5["image_ids"][:]),
-                          (s.decode() if isinstance(s, bytes) else s for s in h5["status"][:]),
-                          strict=True))
+    if not cfg.overwrite and holds_all(out, profile=cfg.profile, seed=cfg.seed, groups=cfg.features,
+                                       image_ids=ids, text_keys=list(text)):
+        st = statuses_of(out)
         return {"out": str(out), "images": len(st), "computed": 0,
                 "status": dict(Counter(st[i] for i in ids)), "bad": [], "sentences": len(text),
                 "seconds": time.perf_counter() - t0}
 
     device = resolve_device(cfg.device)
+    precision = run_precision(cfg, out, device)
+    cfg = dataclasses.replace(cfg, precision=precision)  # what every extractor uses
     ex = build_extractors(cfg, device)  # WeightsError here, before any file is touched
     specs = group_specs(cfg, ex)
 
     writer = CacheWriter.open(out, overwrite=cfg.overwrite)
     try:
-        precision = resolve_precision(cfg.precision, device)
-        _check_root(writer, cfg, precision, device)
+        _check_root(writer, cfg)
         from mner.config import to_dict
 
         created = writer.root_attrs.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
@@ -299,7 +322,8 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
         order = list(dict.fromkeys(int(r) for r in rows))
         pending = [r for r in order if not all(done[g][r] for g in specs)]
         row_path = dict(zip((int(r) for r in rows), paths, strict=True))
-        bad, computed = _run_images(cfg, ex, writer, specs, done, pending, row_path, device, progress)
+        bad, computed = _run_images(cfg, ex, writer, specs, done, pending, row_path, device, progress,
+                                    images)
         sentences = _run_text(cfg, ex, writer, text) if text else 0
         writer.commit()
     except BaseException:
@@ -307,11 +331,8 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
         raise
     for rid, status, message in bad:
         print(f"image {rid}: {status} ({message})", file=sys.stderr)
-    with h5py.File(out, "r") as h5:
-        st = [s.decode() if isinstance(s, bytes) else s for s in h5["status"][:]]
-        all_ids = [s.decode() if isinstance(s, bytes) else s for s in h5["image_ids"][:]]
-    status_of = dict(zip(all_ids, st, strict=True))
-    return {"out": str(out), "images": len(all_ids), "computed": computed,
+    status_of = statuses_of(out)
+    return {"out": str(out), "images": len(status_of), "computed": computed,
             "status": dict(Counter(status_of[i] for i in ids)), "bad": bad,
             "sentences": sentences, "seconds": time.perf_counter() - t0}
 
@@ -338,13 +359,14 @@ def _worker_init(_: int) -> None:
 def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
                 specs: dict[str, tuple[dict, dict]], done: dict[str, np.ndarray],
                 pending: list[int], row_path: dict[int, Path | None], device: torch.device,
-                progress: bool) -> tuple[list[tuple[str, str, str]], int]:
+                progress: bool, images: Path) -> tuple[list[tuple[str, str, str]], int]:
     if not pending:
         return [], 0
     transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip") if g in specs}
     if any(g in specs for g in ("objects", "relations", "crops")):
         transforms["raw"] = ex["detector"].preprocess
-    items = ImageItems([row_path[r] for r in pending], pending, transforms, cfg.max_pixels)
+    items = ImageItems([row_path[r] for r in pending], pending, transforms, cfg.max_pixels,
+                       root=None if cfg.follow_symlinks else images)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     workers = min(workers, max(0, (len(pending) + cfg.batch_size - 1) // cfg.batch_size))
     loader = DataLoader(items, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
@@ -352,6 +374,7 @@ def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
                         worker_init_fn=_worker_init if workers else None,
                         persistent_workers=False)
     fail_after = int(os.environ.get(FAIL_AFTER_ENV, "0") or 0)
+    delay = float(os.environ.get(BATCH_DELAY_ENV, "0") or 0)
     ids = writer.image_ids
     bad: list[tuple[str, str, str]] = []
     computed = 0
@@ -363,18 +386,24 @@ def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
             ok = set(batch["ok"])
             need = {g: [p for p in batch["ok"] if not done[g][batch["row"][p]]] for g in specs}
             arrays = run_batch(ex, batch, need)
+            # Data and statuses first, flushed; the done flags only after them, so a run
+            # killed in between recomputes these rows instead of trusting zeros.
             for g in specs:
                 if need[g]:
-                    writer.write_rows(g, np.array([batch["row"][p] for p in need[g]]), arrays[g])
-                skip = [batch["row"][p] for p in range(len(batch["row"])) if p not in ok]
-                writer.write_rows(g, np.array(skip, dtype=np.int64), {})  # zeros, marked done
+                    writer.write_rows(g, np.array([batch["row"][p] for p in need[g]]), arrays[g],
+                                      mark=False)
             writer.set_status(np.array(batch["row"]), batch["status"])
             writer.flush()
+            skip = [batch["row"][p] for p in range(len(batch["row"])) if p not in ok]
+            for g in specs:  # images that did not load keep zero rows, marked done
+                writer.mark_done(g, np.array([batch["row"][p] for p in need[g]] + skip, dtype=np.int64))
             for p, (r, s) in enumerate(zip(batch["row"], batch["status"], strict=True)):
                 if p not in ok:
                     bad.append((ids[r], s, batch["message"][p]))
             computed += len(ok)
             bar.update(len(batch["row"]))
+            if delay:
+                time.sleep(delay)
             if fail_after and nb >= fail_after:
                 raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: injected failure after {nb} batches")
     return bad, computed

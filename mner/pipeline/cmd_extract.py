@@ -85,10 +85,29 @@ def register(app: typer.Typer) -> None:
     def inspect_cmd(
         file: Path = typer.Argument(..., help="A cache written by mner extract."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+        statuses: bool = typer.Option(False, "--statuses", help="List the image ids of each "
+                                      "non-ok status (missing, truncated, ...)."),
+        verify: bool = typer.Option(False, "--verify", help="Re-read every dataset and compare "
+                                    "with the checksums recorded at completion; exit 2 on damage."),
     ) -> None:
         """Show a cache's schema, provenance, status counts and per-dataset checksums."""
-        from mner.cache.inspect import format_summary, summary
+        from mner.cache.inspect import format_statuses, format_summary, summary
+        from mner.cache.inspect import verify as verify_cache
 
+        if verify:
+            problems, compared = verify_cache(file)
+            for line in problems:
+                typer.echo(f"error: {line}", err=True)
+            if problems:
+                raise typer.Exit(2)
+            typer.echo(f"{file}: every dataset reads back" + (
+                " and matches the checksums recorded at completion" if compared
+                else " (no checksums recorded: made before mner recorded them)"))
+            return
         info = summary(file)
-        typer.echo(json.dumps(info, indent=2, sort_keys=True, default=str) if as_json
-                   else format_summary(info))
+        if as_json:
+            typer.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
+        elif statuses:
+            typer.echo(format_statuses(info))
+        else:
+            typer.echo(format_summary(info))
