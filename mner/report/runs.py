@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from mner.errors import DataError
+from mner.train.runs import summarize_seeds
 
 log = logging.getLogger("mner.report")
 
@@ -233,31 +233,6 @@ def load_run(path: Path) -> Run:
     return run
 
 
-def mean_std(values: list[Any]) -> Any:
-    """The summary ``mner train`` writes (``mner.train.trainer``), over records or numbers.
-
-    Nested dicts are summarised key by key; a value that is None for any seed (e.g.
-    ``image_dependent`` without marks) or missing gives None, like the trainer.
-    Numbers become ``{"mean", "std"}`` with the sample std (ddof=1), 0 for one seed.
-    """
-    if not values or any(v is None for v in values):
-        return None
-    if isinstance(values[0], Mapping):
-        if not all(isinstance(v, Mapping) for v in values):
-            return None
-        return {
-            k: mean_std([v.get(k) for v in values]) if all(k in v for v in values) else None
-            for k in values[0]
-        }
-    try:
-        arr = np.asarray(values, dtype=float)
-    except (TypeError, ValueError):
-        return None
-    if arr.ndim != 1:
-        return None
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-
 def _seed_records(run: Run) -> list[tuple[Any, dict[str, Any]]]:
     """``(seed, record)`` for each per-seed record of ``metrics.json`` ``runs``."""
     seeds = run.metrics.get("seeds") or []
@@ -307,7 +282,7 @@ def pool_runs(runs: Sequence[Run]) -> list[Run]:
     A group of one folder is returned unchanged. A group of several gives a :class:`Run`
     whose ``metrics.json`` has the concatenated per-seed records (sorted by seed), the
     pooled ``seeds``, and a ``summary`` recomputed over all of them with
-    :func:`mean_std` (the trainer's convention); ``histories`` and ``diagnostics`` are
+    :func:`mner.train.runs.mean_std` (the trainer's own); ``histories`` and ``diagnostics`` are
     merged by seed, so plots average over every pooled seed. A seed found in two
     folders is kept from the first and a warning names both. A folder without per-seed
     records (``runs``) cannot be pooled and keeps its own row, with a warning.
@@ -366,11 +341,7 @@ def _merge(group: list[Run]) -> Run:
     metrics = dict(first.metrics)
     metrics["seeds"] = seeds
     metrics["runs"] = recs
-    metrics["summary"] = {
-        "dev": mean_std([rec.get("dev", rec.get("valid")) for rec in recs]),
-        "test": mean_std([rec.get("test") for rec in recs]),
-        "seconds_per_epoch": mean_std([rec.get("seconds_per_epoch") for rec in recs]),
-    }
+    metrics["summary"] = summarize_seeds(recs)
     try:
         path = Path(os.path.commonpath([str(r.path) for r in group]))
     except ValueError:  # relative and absolute paths mixed
@@ -414,11 +385,9 @@ def _dataset_name(prov: Mapping[str, Any], config: Mapping[str, Any]) -> str:
 def default_head_options(model: str) -> dict[str, Any] | None:
     """The head's default options from the registry, or None if it is not available."""
     try:
-        from mner.config import to_dict
-        from mner.train.heads.base import get_head
+        from mner.train.runs import default_head_options as registry_defaults
 
-        cfg_cls = get_head(model).Config
-        return to_dict(cfg_cls())
+        return registry_defaults(model)
     except Exception:  # noqa: BLE001 - a report must work without the training stack
         return None
 
