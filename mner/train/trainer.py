@@ -21,7 +21,8 @@ Testing hooks: ``MNER_STOP_AFTER_EPOCH=k`` raises ``KeyboardInterrupt`` right af
 checkpoint of epoch ``k`` is written; ``MNER_KILL_AT`` sends the process SIGKILL at a
 chosen point (``setup``: a seed is set up, before its first batch; ``batch:n``: the n-th
 training batch of the process is collated; ``epoch:k``: the checkpoint of epoch ``k`` is
-written), which is how the resume tests interrupt real runs.
+written), which is how the resume tests interrupt real runs (``MNER_KILL_SIGNAL=STOP``
+pauses the process there instead).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from mner.train.model import Tagger, param_groups
 from mner.train.runs import (
     RUN_FILES,
     RunFolder,
+    RunWriteError,
     SeedFolder,
     build_model,
     load_weights,
@@ -77,9 +79,13 @@ class NonFiniteLoss(MnerError, FloatingPointError):
 
 
 def _kill_point(point: str) -> None:
-    """Testing hook: SIGKILL this process when ``MNER_KILL_AT`` names ``point``."""
+    """Testing hook: signal this process when ``MNER_KILL_AT`` names ``point``.
+
+    The signal is SIGKILL, or the one ``MNER_KILL_SIGNAL`` names (``STOP`` pauses the
+    run while it holds its lock, for the concurrency test).
+    """
     if os.environ.get(KILL_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("MNER_KILL_SIGNAL", "KILL")))
 
 
 # -- setup ----------------------------------------------------------------------------
@@ -275,10 +281,11 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: di
     except (OSError, RuntimeError, SafetensorError) as exc:
         # torch.save and safetensors report a failed write as RuntimeError / SafetensorError.
         shutil.rmtree(tmp, ignore_errors=True)
-        if not isinstance(exc, OSError):
-            exc = OSError(None, str(exc).splitlines()[0][:160])
-        err = write_failed(folder, exc)
-        raise type(err)(f"{err} (the previous checkpoint is kept)") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:160]
+        raise RunWriteError(
+            f"{folder}: cannot write the checkpoint ({why}); the previous one is kept; free disk "
+            "space or raise the file-size limit, then continue with --resume"
+        ) from None
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
