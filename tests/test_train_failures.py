@@ -279,3 +279,54 @@ def test_nan_features_are_named_with_the_cache_to_verify(sample_dir, small_data,
     assert msg.startswith("seed 1 epoch 1/2: loss is nan: ") and f"{name} has NaN for image ids " in msg
     assert msg.endswith(f"; the cache is damaged: mner inspect --verify {cache}")
     assert isinstance(info.value, FloatingPointError) and isinstance(info.value, MnerError)
+
+
+def test_a_file_size_limit_while_checkpointing_is_one_line(small_data, reference, tmp_path):
+    import resource
+
+    out = tmp_path / "run"
+    # Room for the best model, not for the checkpoint's optimizer state (twice its size).
+    limit = int((reference / "seed_1" / "model.safetensors").stat().st_size * 1.5)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = _cli(*_train_args(small_data, out), preexec_fn=limited)
+    _, err = proc.communicate(timeout=300)
+    ckpt = out / "seed_1" / "checkpoint"
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and err.count("error:") == 1
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {ckpt}: cannot write the checkpoint (")
+    assert line.endswith("; the previous one is kept; free disk space or raise the file-size limit, "
+                         "then continue with --resume")
+    assert not ckpt.exists() and not ckpt.with_name("checkpoint.tmp").exists()
+    train_run(_cfg(), small_data, None, out, resume=True)  # limit lifted: starts afresh
+    assert _scores(out) == _scores(reference)
+
+
+def test_an_output_that_is_not_a_folder_is_one_line(small_data, tmp_path, mner_cli):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "run"
+    code, _, err = mner_cli(*_train_args(small_data, out))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {out}: cannot write (Not a directory); ")
+
+
+def test_loading_a_run_replays_its_precision_and_builds_like_training(reference, tmp_path, monkeypatch, capsys):
+    from mner.train import runs
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["precision"] == "fp32" and load_run(run, device="cpu").precision == "fp32"
+    prov["precision"] = "fp16"  # as a CUDA machine records it
+    (run / "provenance.json").write_text(json.dumps(prov))
+    built = []
+    real = runs.build_model
+    monkeypatch.setattr(runs, "build_model", lambda *a: built.append(a[1]) or real(*a))
+    loaded = load_run(run, device="cpu")
+    assert loaded.precision == "fp32" and built == [1]
+    assert capsys.readouterr().err.strip() == (
+        f"warning: {run}: made in float16 on CUDA; computing in float32 on cpu, so results may "
+        "differ from the recorded ones in the last digits")

@@ -27,6 +27,7 @@ pauses the process there instead).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -298,17 +299,20 @@ def _load_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).split("\n")
-        why = next((ln.strip() for ln in reason if "Unsupported global" in ln or "Unsupported operand" in ln),
-                   reason[0].strip())
+        # torch explains at length; keep what names the refused object ("Unsupported
+        # global: GLOBAL some.module.Class").
+        text = " ".join(str(exc).split())
+        start = text.find("Unsupported")
+        why = text[start:].split(" was not an allowed")[0] if start >= 0 else text
         raise DataError(
             f"{path}: not a trusted checkpoint: it holds objects other than tensors and plain data "
             f"({why[:160]}), which mner does not unpickle; delete {path.parent} to restart this seed "
             "with --resume, or train again with --overwrite"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        why = " ".join(str(exc).split()).split(". ")[0][:120] or type(exc).__name__
         raise DataError(
-            f"{path}: damaged or truncated checkpoint ({str(exc).splitlines()[0][:120]}); delete "
+            f"{path}: damaged or truncated checkpoint ({why}); delete "
             f"{path.parent} to restart this seed with --resume, or train again with --overwrite"
         ) from None
 
@@ -485,15 +489,26 @@ def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: b
         coverage = image_coverage(cache, splits)
         check_coverage(cfg, cache, coverage, data_dir)
     device = resolve_device(cfg.device)
-    with locked(folder.root, folder=True, what="run folder"):
-        precision = run_precision(cfg, device, folder, resume)
-        _prepare_out(cfg, folder, resume, overwrite)
-        _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage)
-        ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume)
-        runs = [train_seed(ctx, seed) for seed in cfg.seeds]
-        summary = summarize(cfg, runs)
-        folder.write_metrics(summary)
+    try:
+        with locked(folder.root, folder=True, what="run folder"):
+            precision = run_precision(cfg, device, folder, resume)
+            _prepare_out(cfg, folder, resume, overwrite)
+            _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage)
+            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume)
+            runs = [train_seed(ctx, seed) for seed in cfg.seeds]
+            summary = summarize(cfg, runs)
+            folder.write_metrics(summary)
+    except OSError as exc:
+        # The environment refused a write (full disk, size limit, read-only or not a
+        # folder): one line naming the file; what was written before stays usable.
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise write_failed(Path(exc.filename or folder.root), exc) from None
     return summary
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                 errno.ENOTDIR, errno.EEXIST}
 
 
 def _prepare_out(cfg: TrainConfig, folder: RunFolder, resume: bool, overwrite: bool = False) -> None:
