@@ -330,3 +330,13 @@ def test_loading_a_run_replays_its_precision_and_builds_like_training(reference,
     assert capsys.readouterr().err.strip() == (
         f"warning: {run}: made in float16 on CUDA; computing in float32 on cpu, so results may "
         "differ from the recorded ones in the last digits")
+
+
+def test_evaluate_pred_to_an_unwritable_place_is_one_line(reference, small_data, tmp_path, mner_cli):
+    (tmp_path / "afile").write_text("x")
+    pred = tmp_path / "afile" / "pred.txt"
+    code, out, err = mner_cli("evaluate", "--run", reference, "--data", small_data / "test.txt",
+                              "--device", "cpu", "--pred", pred)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith(f"error: {pred}: cannot write the predictions (")
+    assert not (reference / ".mner.lock").exists()  # evaluate --pred takes no lock on the run

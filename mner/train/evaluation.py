@@ -8,6 +8,7 @@ current windowing, but the contract holds) are predicted ``O``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,6 +190,14 @@ def evaluate_run(
     tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
     pred = [lr.tagset.decode(t) for t in tags]
     if pred_out is not None:
-        write_conll(pred_out, tweets, pred, scheme="bio2")
+        try:
+            write_conll(pred_out, tweets, pred, scheme="bio2")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                Path(str(pred_out) + ".partial").unlink(missing_ok=True)
+            raise DataError(
+                f"{pred_out}: cannot write the predictions ({exc.strerror or exc}); choose another "
+                "--pred file or free disk space"
+            ) from None
     marked = marked_for(data_file.parent, split_name(data_file), tweets)
     return score_split([list(t.labels) for t in tweets], pred, marked)

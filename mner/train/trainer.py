@@ -27,6 +27,7 @@ pauses the process there instead).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -751,7 +752,8 @@ def _save_best(run: SeedRun) -> None:
         save_model(run.model, str(partial))
         os.replace(partial, run.paths.model)
     except (OSError, SafetensorError) as exc:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
         raise write_failed(run.paths.model, exc if isinstance(exc, OSError) else OSError(None, str(exc))) from None
 
 
