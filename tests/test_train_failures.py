@@ -340,3 +340,21 @@ def test_evaluate_pred_to_an_unwritable_place_is_one_line(reference, small_data,
     assert code == 2 and out == ""
     assert err.strip().splitlines()[-1].startswith(f"error: {pred}: cannot write the predictions (")
     assert not (reference / ".mner.lock").exists()  # evaluate --pred takes no lock on the run
+
+
+def test_resume_accepts_a_config_written_before_a_setting_existed(tmp_path):
+    import yaml
+
+    from mner.config import to_dict
+    from mner.errors import ConfigError
+    from mner.train.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    folder.root.mkdir()
+    old = to_dict(_cfg())
+    del old["min_image_coverage"]  # a run folder from before the coverage check
+    folder.config.write_text(yaml.safe_dump(old, sort_keys=False))
+    trainer._prepare_out(_cfg(), folder, resume=True)
+    assert yaml.safe_load(folder.config.read_text())["min_image_coverage"] == 0.5
+    with pytest.raises(ConfigError, match=r"--resume with a different config \(min_image_coverage: 0\.5 before, 0\.0 now\)"):
+        trainer._prepare_out(_cfg("bert_crf", "min_image_coverage=0"), folder, resume=True)
