@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 import yaml
 
 from mner.errors import DataError
-from mner.train.runs import summarize_seeds
+from mner.train.runs import RunFolder, summarize_seeds
 
 log = logging.getLogger("mner.report")
 
@@ -143,7 +142,7 @@ def _collect(p: Path, visited: set[Path]) -> list[Path]:
     if key in visited:  # a symlink loop
         return []
     visited.add(key)
-    if (p / "metrics.json").exists() or _looks_like_run(p):
+    if RunFolder(p).metrics.exists() or _looks_like_run(p):
         return [p]
     found: list[Path] = []
     for c in sorted(p.iterdir()):
@@ -156,12 +155,9 @@ def _looks_like_run(p: Path) -> bool:
     """A (maybe unfinished) run folder: ``config.yaml``, or ``seed_<k>/`` sub-folders
     that are per-seed folders rather than complete run folders of their own (those
     have a ``config.yaml``, as in ``runs/umt/seed_1/config.yaml``)."""
-    if (p / "config.yaml").exists():
+    if RunFolder(p).config.exists():
         return True
-    return any(
-        c.is_dir() and _seed_key(c) is not None and not (c / "config.yaml").exists()
-        for c in p.glob("seed_*")
-    )
+    return any(not RunFolder(sf.path).config.exists() for _, sf in RunFolder(p).seeds())
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -184,7 +180,7 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
         if not path.is_dir():
             skipped.append((path, "not a folder" if path.exists() else "no such folder"))
             continue
-        if not (path / "metrics.json").is_file():
+        if not RunFolder(path).metrics.is_file():
             skipped.append((path, "no metrics.json (training not finished?)"))
             continue
         runs.append(load_run(path))
@@ -192,19 +188,20 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
 
 
 def load_run(path: Path) -> Run:
-    """Read one run folder that has a ``metrics.json``."""
-    metrics = read_json(path / "metrics.json")
+    """Read one run folder that has a ``metrics.json`` (layout: :class:`mner.train.runs.RunFolder`)."""
+    folder = RunFolder(path)
+    metrics = read_json(folder.metrics)
     if not isinstance(metrics, Mapping) or not isinstance(metrics.get("model"), str):
         raise DataError(
-            f"{path / 'metrics.json'}: no 'model' name; is this a run folder written by mner train?"
+            f"{folder.metrics}: no 'model' name; is this a run folder written by mner train?"
         )
     summary = metrics.get("summary")
     if not isinstance(summary, Mapping) and not metrics.get("runs"):
         raise DataError(
             f"{path / 'metrics.json'}: neither 'summary' nor 'runs'; re-run mner train for this folder"
         )
-    config = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
-    prov = read_json(path / "provenance.json") if (path / "provenance.json").is_file() else {}
+    config = read_yaml(folder.config) if folder.config.is_file() else {}
+    prov = read_json(folder.provenance) if folder.provenance.is_file() else {}
     run = Run(
         path=path,
         model=metrics["model"],
@@ -213,16 +210,13 @@ def load_run(path: Path) -> Run:
         config=dict(config) if isinstance(config, Mapping) else {},
         provenance=dict(prov) if isinstance(prov, Mapping) else {},
     )
-    for seed_dir in sorted(path.glob("seed_*"), key=_seed_key):
-        seed = _seed_key(seed_dir)
-        if seed is None:
-            continue
-        if (seed_dir / "history.json").is_file():
-            hist = read_json(seed_dir / "history.json")
+    for seed, seed_dir in folder.seeds():
+        if seed_dir.history.is_file():
+            hist = read_json(seed_dir.history)
             if isinstance(hist, list):
                 run.histories[seed] = [h for h in hist if isinstance(h, Mapping)]
-        if (seed_dir / "diagnostics.json").is_file():
-            diag = read_json(seed_dir / "diagnostics.json")
+        if seed_dir.diagnostics.is_file():
+            diag = read_json(seed_dir.diagnostics)
             if isinstance(diag, Mapping):
                 run.diagnostics[seed] = {
                     str(k): {str(s): list(v) for s, v in d.items() if isinstance(v, list)}
@@ -362,11 +356,6 @@ def _merge(group: list[Run]) -> Run:
         members=list(group),
         seed_folders={s: owner[s].path for s in seeds},
     )
-
-
-def _seed_key(p: Path) -> int | None:
-    m = re.fullmatch(r"seed_(\d+)", p.name)
-    return int(m.group(1)) if m else None
 
 
 def _dataset_name(prov: Mapping[str, Any], config: Mapping[str, Any]) -> str:
