@@ -1,7 +1,9 @@
 """``mner train``: fine-tune encoder + head + CRF on cached features, one run per seed.
 
-A run reads top to bottom: :func:`train_run` opens the data and the cache, takes the
-run folder's lock, resolves the precision once and writes ``config.yaml`` and
+A run reads top to bottom: :func:`train_run` opens the data and the cache (and, for a
+model that reads visual features, counts per split the tweets whose image the cache
+holds as ``ok``, stopping under ``train.min_image_coverage``), takes the run folder's
+lock for the whole run, resolves the precision once and writes ``config.yaml`` and
 ``provenance.json``; then for each seed :func:`train_seed` does
 
 * :func:`setup_seed`: seed everything, build (or, on ``--resume`` with a checkpoint,
