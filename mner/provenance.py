@@ -1,4 +1,4 @@
-"""Content hashes that tie every number to the files that produced it.
+"""Content hashes and the version stamp that tie every number to what produced it.
 
 Used for the weights recorded in a cache, the data files and cache recorded in a run
 folder, and (through those) the report's provenance section.
@@ -17,3 +17,14 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def mner_version() -> str:
+    """The mner version stamped into caches, run folders and reports.
+
+    ``mner.__version__`` is the one source: it is what the code running now says it is,
+    even from a source checkout whose installed metadata is older or absent.
+    """
+    from mner import __version__
+
+    return __version__

@@ -12,3 +12,10 @@ def test_sha256_file_matches_hashlib_across_block_boundaries(tmp_path):
     assert sha256_file(p) == hashlib.sha256(data).hexdigest()
     (tmp_path / "e").write_bytes(b"")
     assert sha256_file(tmp_path / "e") == hashlib.sha256(b"").hexdigest()
+
+
+def test_mner_version_is_the_package_version():
+    import mner
+    from mner.provenance import mner_version
+
+    assert mner_version() == mner.__version__ and mner_version().count(".") == 2

@@ -32,16 +32,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from mner.errors import DataError
+from mner.train.runs import RunFolder, summarize_seeds
 
 log = logging.getLogger("mner.report")
 
@@ -143,7 +142,7 @@ def _collect(p: Path, visited: set[Path]) -> list[Path]:
     if key in visited:  # a symlink loop
         return []
     visited.add(key)
-    if (p / "metrics.json").exists() or _looks_like_run(p):
+    if RunFolder(p).metrics.exists() or _looks_like_run(p):
         return [p]
     found: list[Path] = []
     for c in sorted(p.iterdir()):
@@ -156,12 +155,9 @@ def _looks_like_run(p: Path) -> bool:
     """A (maybe unfinished) run folder: ``config.yaml``, or ``seed_<k>/`` sub-folders
     that are per-seed folders rather than complete run folders of their own (those
     have a ``config.yaml``, as in ``runs/umt/seed_1/config.yaml``)."""
-    if (p / "config.yaml").exists():
+    if RunFolder(p).config.exists():
         return True
-    return any(
-        c.is_dir() and _seed_key(c) is not None and not (c / "config.yaml").exists()
-        for c in p.glob("seed_*")
-    )
+    return any(not RunFolder(sf.path).config.exists() for _, sf in RunFolder(p).seeds())
 
 
 def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
@@ -184,7 +180,7 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
         if not path.is_dir():
             skipped.append((path, "not a folder" if path.exists() else "no such folder"))
             continue
-        if not (path / "metrics.json").is_file():
+        if not RunFolder(path).metrics.is_file():
             skipped.append((path, "no metrics.json (training not finished?)"))
             continue
         runs.append(load_run(path))
@@ -192,19 +188,20 @@ def load_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
 
 
 def load_run(path: Path) -> Run:
-    """Read one run folder that has a ``metrics.json``."""
-    metrics = read_json(path / "metrics.json")
+    """Read one run folder that has a ``metrics.json`` (layout: :class:`mner.train.runs.RunFolder`)."""
+    folder = RunFolder(path)
+    metrics = read_json(folder.metrics)
     if not isinstance(metrics, Mapping) or not isinstance(metrics.get("model"), str):
         raise DataError(
-            f"{path / 'metrics.json'}: no 'model' name; is this a run folder written by mner train?"
+            f"{folder.metrics}: no 'model' name; is this a run folder written by mner train?"
         )
     summary = metrics.get("summary")
     if not isinstance(summary, Mapping) and not metrics.get("runs"):
         raise DataError(
             f"{path / 'metrics.json'}: neither 'summary' nor 'runs'; re-run mner train for this folder"
         )
-    config = read_yaml(path / "config.yaml") if (path / "config.yaml").is_file() else {}
-    prov = read_json(path / "provenance.json") if (path / "provenance.json").is_file() else {}
+    config = read_yaml(folder.config) if folder.config.is_file() else {}
+    prov = read_json(folder.provenance) if folder.provenance.is_file() else {}
     run = Run(
         path=path,
         model=metrics["model"],
@@ -213,16 +210,13 @@ def load_run(path: Path) -> Run:
         config=dict(config) if isinstance(config, Mapping) else {},
         provenance=dict(prov) if isinstance(prov, Mapping) else {},
     )
-    for seed_dir in sorted(path.glob("seed_*"), key=_seed_key):
-        seed = _seed_key(seed_dir)
-        if seed is None:
-            continue
-        if (seed_dir / "history.json").is_file():
-            hist = read_json(seed_dir / "history.json")
+    for seed, seed_dir in folder.seeds():
+        if seed_dir.history.is_file():
+            hist = read_json(seed_dir.history)
             if isinstance(hist, list):
                 run.histories[seed] = [h for h in hist if isinstance(h, Mapping)]
-        if (seed_dir / "diagnostics.json").is_file():
-            diag = read_json(seed_dir / "diagnostics.json")
+        if seed_dir.diagnostics.is_file():
+            diag = read_json(seed_dir.diagnostics)
             if isinstance(diag, Mapping):
                 run.diagnostics[seed] = {
                     str(k): {str(s): list(v) for s, v in d.items() if isinstance(v, list)}
@@ -231,31 +225,6 @@ def load_run(path: Path) -> Run:
                 }
     run.head_diff = _head_diff(run)
     return run
-
-
-def mean_std(values: list[Any]) -> Any:
-    """The summary ``mner train`` writes (``mner.train.trainer``), over records or numbers.
-
-    Nested dicts are summarised key by key; a value that is None for any seed (e.g.
-    ``image_dependent`` without marks) or missing gives None, like the trainer.
-    Numbers become ``{"mean", "std"}`` with the sample std (ddof=1), 0 for one seed.
-    """
-    if not values or any(v is None for v in values):
-        return None
-    if isinstance(values[0], Mapping):
-        if not all(isinstance(v, Mapping) for v in values):
-            return None
-        return {
-            k: mean_std([v.get(k) for v in values]) if all(k in v for v in values) else None
-            for k in values[0]
-        }
-    try:
-        arr = np.asarray(values, dtype=float)
-    except (TypeError, ValueError):
-        return None
-    if arr.ndim != 1:
-        return None
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
 def _seed_records(run: Run) -> list[tuple[Any, dict[str, Any]]]:
@@ -307,7 +276,7 @@ def pool_runs(runs: Sequence[Run]) -> list[Run]:
     A group of one folder is returned unchanged. A group of several gives a :class:`Run`
     whose ``metrics.json`` has the concatenated per-seed records (sorted by seed), the
     pooled ``seeds``, and a ``summary`` recomputed over all of them with
-    :func:`mean_std` (the trainer's convention); ``histories`` and ``diagnostics`` are
+    :func:`mner.train.runs.mean_std` (the trainer's own); ``histories`` and ``diagnostics`` are
     merged by seed, so plots average over every pooled seed. A seed found in two
     folders is kept from the first and a warning names both. A folder without per-seed
     records (``runs``) cannot be pooled and keeps its own row, with a warning.
@@ -366,11 +335,7 @@ def _merge(group: list[Run]) -> Run:
     metrics = dict(first.metrics)
     metrics["seeds"] = seeds
     metrics["runs"] = recs
-    metrics["summary"] = {
-        "dev": mean_std([rec.get("dev", rec.get("valid")) for rec in recs]),
-        "test": mean_std([rec.get("test") for rec in recs]),
-        "seconds_per_epoch": mean_std([rec.get("seconds_per_epoch") for rec in recs]),
-    }
+    metrics["summary"] = summarize_seeds(recs)
     try:
         path = Path(os.path.commonpath([str(r.path) for r in group]))
     except ValueError:  # relative and absolute paths mixed
@@ -393,11 +358,6 @@ def _merge(group: list[Run]) -> Run:
     )
 
 
-def _seed_key(p: Path) -> int | None:
-    m = re.fullmatch(r"seed_(\d+)", p.name)
-    return int(m.group(1)) if m else None
-
-
 def _dataset_name(prov: Mapping[str, Any], config: Mapping[str, Any]) -> str:
     for source, keys in ((prov, ("dataset",)), (config, ("dataset_name", "dataset"))):
         if not isinstance(source, Mapping):
@@ -414,11 +374,9 @@ def _dataset_name(prov: Mapping[str, Any], config: Mapping[str, Any]) -> str:
 def default_head_options(model: str) -> dict[str, Any] | None:
     """The head's default options from the registry, or None if it is not available."""
     try:
-        from mner.config import to_dict
-        from mner.train.heads.base import get_head
+        from mner.train.runs import default_head_options as registry_defaults
 
-        cfg_cls = get_head(model).Config
-        return to_dict(cfg_cls())
+        return registry_defaults(model)
     except Exception:  # noqa: BLE001 - a report must work without the training stack
         return None
 

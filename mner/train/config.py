@@ -95,6 +95,9 @@ class TrainConfig:
         bucket_size: length bucketing: sort windows by length within chunks of
             ``bucket_size * batch_size`` before cutting batches, so padding is small.
         dataset_name: name recorded in provenance.json; default the data folder's name.
+        min_image_coverage: a model that reads visual features stops before training
+            when fewer than this share of the train tweets have an ``ok`` image in the
+            cache (a cache made for another dataset); 0 disables the check.
         head: the head's options (its ``Config`` fields), filled with defaults.
     """
 
@@ -121,6 +124,7 @@ class TrainConfig:
     threads: int | None = None
     bucket_size: int = 8
     dataset_name: str | None = None
+    min_image_coverage: float = 0.5
     head: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +146,8 @@ class TrainConfig:
             raise ValueError(f"seeds must be distinct, got {list(self.seeds)}")
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("warmup_ratio and dropout must be in [0, 1)")
+        if not 0.0 <= self.min_image_coverage <= 1.0:
+            raise ValueError(f"min_image_coverage must be in [0, 1], got {self.min_image_coverage}")
         # Validate the head options against the head's own Config and store them with
         # defaults filled in, so config.yaml records every ablation switch used.
         head_cfg = build(self.head_class().Config, self.head, where="train.head")

@@ -1,4 +1,4 @@
-"""Decoding a split with a trained tagger, scoring it, and re-loading a run folder.
+"""Decoding a split with a trained tagger, scoring it, and scoring a trained run folder on a file (loading it is :mod:`mner.train.runs`).
 
 Evaluation mimics prediction: the model sees no gold labels, entity spans or text
 teacher (those feed training losses only), so dev/test scores are what ``mner predict``
@@ -8,23 +8,27 @@ current windowing, but the contract holds) are predicted ``O``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from safetensors.torch import load_model
 
-from mner.devices import autocast, resolve_device
+from mner.devices import autocast
 from mner.errors import ConfigError, DataError
-from mner.train import encoder as encoders
-from mner.train.config import TrainConfig
-from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
-from mner.train.model import Tagger, build_head
+from mner.train.data import NerDataset, VisualStore, bucket_batches
+from mner.train.model import Tagger
+
+# Loading a trained run is the run-folder module's business (mner.train.runs); the names
+# stay importable from here for the callers written before it existed.
+from mner.train.runs import LoadedRun, load_run, pick_seed_dir
+
+__all__ = [
+    "LoadedRun", "evaluate_run", "group_diagnostics", "load_run", "marked_for", "pick_seed_dir",
+    "predict_words", "score_split",
+]
 
 IMAGE_STATUSES = ("ok", "missing", "unreadable")
 
@@ -132,94 +136,7 @@ def group_diagnostics(diags: dict[str, np.ndarray], statuses: Sequence[str]) -> 
     return out
 
 
-# -- run folders ----------------------------------------------------------------------
-
-
-@dataclass
-class LoadedRun:
-    """A trained seed of a run folder, ready to decode."""
-
-    run: Path
-    seed_dir: Path
-    cfg: TrainConfig
-    model: Tagger
-    tokenizer: object
-    tagset: TagSet
-    provenance: dict
-    device: torch.device
-
-    @property
-    def precision(self) -> str:
-        """The autocast precision the run was trained and scored in, where this device has it.
-
-        Reusing it makes ``mner evaluate`` reproduce the run's metrics.json; float16
-        (CUDA training) falls back to float32 on a CPU.
-        """
-        recorded = self.provenance.get("precision", "fp32")
-        return "fp32" if recorded == "fp16" and self.device.type != "cuda" else recorded
-
-    @property
-    def needs(self) -> tuple[str, ...]:
-        return tuple(self.cfg.head_class().required_features(self.cfg.head_config()))
-
-    @property
-    def cache_path(self) -> Path | None:
-        p = (self.provenance.get("cache") or {}).get("path")
-        return Path(p) if p else None
-
-
-def pick_seed_dir(run: Path, seed: int | None = None) -> Path:
-    """``RUN/seed_<seed>``; by default the seed with the best dev F1 in RUN/metrics.json."""
-    run = Path(run)
-    if seed is not None:
-        d = run / f"seed_{seed}"
-        if not (d / "model.safetensors").exists():
-            raise ConfigError(f"{d}: no trained model for seed {seed}; see {run}/metrics.json")
-        return d
-    metrics = run / "metrics.json"
-    if metrics.exists():
-        runs = json.loads(metrics.read_text(encoding="utf-8")).get("runs", [])
-        if runs:
-            best = max(runs, key=lambda r: r["dev"]["overall"]["f1"])
-            return run / f"seed_{best['seed']}"
-    dirs = sorted(d for d in run.glob("seed_*") if (d / "model.safetensors").exists())
-    if not dirs:
-        raise ConfigError(f"{run}: not a trained run folder (no seed_*/model.safetensors); run `mner train` first")
-    return dirs[0]
-
-
-def load_run(run: Path, seed: int | None = None, device: str = "auto") -> LoadedRun:
-    """Rebuild a trained tagger from a run folder.
-
-    Args:
-        run: the folder ``mner train --out`` wrote.
-        seed: which seed's model; default the best on dev.
-        device: ``auto``, ``cpu`` or ``cuda[:i]``.
-    """
-    from mner.config import build
-
-    run = Path(run)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.exists():
-        raise ConfigError(f"{run}: no config.yaml; is this a run folder written by `mner train`?")
-    cfg = build(TrainConfig, yaml.safe_load(cfg_path.read_text(encoding="utf-8")), where=str(cfg_path))
-    seed_dir = pick_seed_dir(run, seed)
-    prov_path = run / "provenance.json"
-    provenance = json.loads(prov_path.read_text(encoding="utf-8")) if prov_path.exists() else {}
-    tagset = TagSet.load(seed_dir / "labels.json")
-    enc, tokenizer = encoders.load_saved(seed_dir / "encoder")
-    head = build_head(cfg, enc, provenance.get("feature_dims", {}))
-    model = Tagger(enc, head, tagset.names, cfg.dropout)
-    missing, unexpected = load_model(model, str(seed_dir / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"{seed_dir}/model.safetensors does not fit head {cfg.model!r} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); was the run "
-            "written by another mner version?"
-        )
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    return LoadedRun(run, seed_dir, cfg, model, tokenizer, tagset, provenance, dev)
+# -- scoring a run ----------------------------------------------------------------------
 
 
 def evaluate_run(
@@ -273,6 +190,14 @@ def evaluate_run(
     tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
     pred = [lr.tagset.decode(t) for t in tags]
     if pred_out is not None:
-        write_conll(pred_out, tweets, pred, scheme="bio2")
+        try:
+            write_conll(pred_out, tweets, pred, scheme="bio2")
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                Path(str(pred_out) + ".partial").unlink(missing_ok=True)
+            raise DataError(
+                f"{pred_out}: cannot write the predictions ({exc.strerror or exc}); choose another "
+                "--pred file or free disk space"
+            ) from None
     marked = marked_for(data_file.parent, split_name(data_file), tweets)
     return score_split([list(t.labels) for t in tweets], pred, marked)

@@ -1,47 +1,95 @@
 """``mner train``: fine-tune encoder + head + CRF on cached features, one run per seed.
 
-For each seed the loop is: AdamW (encoder and the rest at their own learning rates, no
-decay on biases/LayerNorm), linear warmup then decay, gradient clipping, AMP on CUDA,
-length-bucketed batches in a seeded order; after every epoch the dev split is decoded,
-the best model by dev F1 kept, and a full checkpoint written atomically so ``--resume``
-continues bit for bit. Test is decoded once, with the best model, at the end; it never
-takes part in model selection. Nothing here is head-specific: heads are reached only
-through ``mner.train.heads.base``.
+A run reads top to bottom: :func:`train_run` opens the data and the cache (and, for a
+model that reads visual features, counts per split the tweets whose image the cache
+holds as ``ok``, stopping under ``train.min_image_coverage``), takes the run folder's
+lock for the whole run, resolves the precision once and writes ``config.yaml`` and
+``provenance.json``; then for each seed :func:`train_seed` does
 
-Testing hook: ``MNER_STOP_AFTER_EPOCH=k`` raises ``KeyboardInterrupt`` right after the
-checkpoint of epoch ``k`` is written, which is how the resume test interrupts a run.
+* :func:`setup_seed`: seed everything, build (or, on ``--resume`` with a checkpoint,
+  reload) encoder and tokenizer, tag set, model, datasets, optimizer and schedule;
+* :func:`fit`: epochs of :func:`train_epoch` (AdamW with the encoder and the rest at
+  their own learning rates, linear warmup then decay, gradient clipping, autocast,
+  length-bucketed batches in a seeded order); after each epoch the dev split is decoded,
+  the best model by dev F1 kept, early stopping applied and a full checkpoint written
+  atomically, so ``--resume`` continues bit for bit;
+* :func:`final_evaluation`: dev and test decoded once with the best model (test never
+  takes part in model selection), predictions, diagnostics and the seed's metrics.
+
+Nothing here is head-specific: heads are reached only through ``mner.train.heads.base``;
+where files go is :mod:`mner.train.runs`'s business.
+
+Testing hooks: ``MNER_STOP_AFTER_EPOCH=k`` raises ``KeyboardInterrupt`` right after the
+checkpoint of epoch ``k`` is written; ``MNER_KILL_AT`` sends the process SIGKILL at a
+chosen point (``setup``: a seed is set up, before its first batch; ``batch:n``: the n-th
+training batch of the process is collated; ``epoch:k``: the checkpoint of epoch ``k`` is
+written), which is how the resume tests interrupt real runs (``MNER_KILL_SIGNAL=STOP``
+pauses the process there instead).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import save_model
 from tqdm.auto import tqdm
 
-import mner
-from mner import devices
-from mner.config import to_dict
-from mner.devices import autocast, resolve_device
-from mner.errors import CacheError, ConfigError, DataError
-from mner.provenance import sha256_file
+from mner.devices import autocast, replay_precision, resolve_device, resolve_precision
+from mner.errors import CacheError, ConfigError, DataError, MnerError
+from mner.locks import locked
+from mner.provenance import mner_version, sha256_file
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
 from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
 from mner.train.evaluation import group_diagnostics, marked_for, predict_words, score_split
-from mner.train.model import Tagger, build_head, param_groups
+from mner.train.model import Tagger, param_groups
+from mner.train.runs import (
+    RUN_FILES,
+    RunFolder,
+    RunWriteError,
+    SeedFolder,
+    build_model,
+    load_weights,
+    read_json,
+    summarize_seeds,
+    write_failed,
+    write_json,
+)
+
+__all__ = ["RUN_FILES", "build_model", "train_run", "train_seed", "train_epoch", "summarize"]
 
 STOP_ENV = "MNER_STOP_AFTER_EPOCH"
+KILL_ENV = "MNER_KILL_AT"
+
+
+class NonFiniteLoss(MnerError, FloatingPointError):
+    """The training loss became NaN or infinite (damaged features, or too high a learning rate)."""
+
+
+def _kill_point(point: str) -> None:
+    """Testing hook: signal this process when ``MNER_KILL_AT`` names ``point``.
+
+    The signal is SIGKILL, or the one ``MNER_KILL_SIGNAL`` names (``STOP`` pauses the
+    run while it holds its lock, for the concurrency test).
+    """
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("MNER_KILL_SIGNAL", "KILL")))
 
 
 # -- setup ----------------------------------------------------------------------------
@@ -59,44 +107,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """The autocast precision (``fp32``, ``bf16`` or ``fp16``) for ``train.amp`` on ``device``.
+def run_precision(cfg: TrainConfig, device: torch.device, folder: RunFolder, resume: bool) -> str:
+    """The precision of a run, decided once: ``train.amp`` resolved for a new run, or
+    the recorded one replayed exactly on ``--resume`` (see :mod:`mner.devices`).
 
-    ``auto`` is bfloat16 on CUDA devices that support it, else float16; on CPU it is
-    bfloat16 where oneDNN has native bfloat16 (AVX512-BF16, AMX: BERT-base trains about
-    twice as fast there), else float32.
-
-    Raises:
-        ConfigError: ``fp16`` on CPU (float16 autocast there is slower than float32).
+    A resumed run keeps the precision its first half trained in, so ``--resume`` on
+    another machine still reaches the same result; one this device cannot continue
+    exactly (float16 off CUDA) is a ConfigError.
     """
-    if amp == "off":
-        return "fp32"
-    if device.type == "cuda":
-        return "bf16" if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()) else "fp16"
-    if amp == "fp16":
-        raise ConfigError(f"train.amp fp16 needs a CUDA device (running on {device.type}); use bf16, auto or off")
-    if amp == "bf16":
-        return "bf16"
-    return "bf16" if devices.cpu_has_bf16() else "fp32"
-
-
-def run_precision(cfg: TrainConfig, device: torch.device, out: Path, resume: bool) -> str:
-    """The precision of a run: ``train.amp`` resolved here, or the recorded one on --resume.
-
-    A resumed run keeps the precision its first half trained in (recorded in
-    provenance.json), so ``--resume`` on another machine still reaches the same result.
-    """
-    prov = out / "provenance.json"
-    if resume and prov.exists():
-        recorded = json.loads(prov.read_text(encoding="utf-8")).get("precision")
-        if recorded is not None:
-            if recorded == "fp16" and device.type != "cuda":
-                raise ConfigError(
-                    f"{out}: this run trained in float16 on CUDA and cannot resume on {device.type}; "
-                    "resume it on a CUDA machine or start a new run"
-                )
-            return recorded
-    return resolve_amp(cfg.amp, device)
+    recorded = folder.recorded_precision() if resume else None
+    if recorded is not None:
+        return replay_precision(recorded, device, exact=True, where=str(folder.root))
+    return resolve_precision(cfg.amp, device, what="train.amp")
 
 
 def open_cache(cfg: TrainConfig, features: Path | None):
@@ -122,6 +144,39 @@ def open_cache(cfg: TrainConfig, features: Path | None):
     cache = FeatureCache(features)
     cache.require(list(needs) + (["clip_text/sentence"] if teacher else []), expect={"profile": cfg.profile})
     return cache, needs
+
+
+def image_coverage(cache, splits: dict) -> dict[str, dict[str, int]]:
+    """Per split: how many tweets there are and how many found an ``ok`` image row in ``cache``."""
+    out = {}
+    for name in ("train", "valid", "test"):
+        tweets = splits.get(name)
+        if tweets:
+            statuses = cache.status_of([t.image_id for t in tweets])
+            out[name] = {"tweets": len(tweets), "ok": sum(s == "ok" for s in statuses)}
+    return out
+
+
+def check_coverage(cfg: TrainConfig, cache, coverage: dict, data) -> None:
+    """Say how many tweets have an image in the cache; stop when too few train tweets do.
+
+    Raises:
+        CacheError: under ``train.min_image_coverage`` of the train tweets have an ok
+            image (most likely the cache of another dataset).
+    """
+    parts = ", ".join(f"{k} {v['ok']}/{v['tweets']}" for k, v in coverage.items())
+    print(f"image coverage: tweets with an ok image in {cache.path}: {parts}", file=sys.stderr)
+    train = coverage.get("train")
+    if not train:
+        return
+    share = train["ok"] / train["tweets"]
+    if share < cfg.min_image_coverage:
+        raise CacheError(
+            f"{cache.path}: only {train['ok']} of {train['tweets']} train tweets ({share:.0%}) have an ok "
+            f"image in this cache (train.min_image_coverage is {cfg.min_image_coverage:g}); is it the "
+            f"cache of another dataset? re-extract it with `mner extract --data {data}`, or pass "
+            "-o min_image_coverage=0 if this is meant"
+        )
 
 
 def feature_dims(cfg: TrainConfig, cache, needs) -> dict[str, int]:
@@ -188,16 +243,16 @@ def _set_rng_state(s: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
-    """Write the full training state to ``folder`` atomically.
-
-    Written into ``folder.tmp`` first, then swapped in by renames, so an interruption
-    leaves either the previous or the new checkpoint, never a torn one.
-    """
-    tmp = folder.with_name(folder.name + ".tmp")
+def _checkpoint_in(folder: Path) -> Path | None:
+    """The complete checkpoint at ``folder``, or its previous copy when a run was
+    interrupted between the two renames of :func:`save_checkpoint`; None if neither."""
+    if (folder / "state.json").exists():
+        return folder
     old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    return old if (old / "state.json").exists() else None
+
+
+def _write_checkpoint_files(tmp: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(
         {
@@ -209,6 +264,32 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: di
         tmp / "state.pt",
     )
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
+    """Write the full training state to ``folder`` atomically.
+
+    Written into ``folder.tmp`` first, then swapped in by renames, so an interruption or
+    a failed write leaves either the previous or the new checkpoint, never a torn one.
+
+    Raises:
+        RunWriteError: the write failed (disk full, file-size limit); the previous
+            checkpoint is intact and the half-written one removed.
+    """
+    tmp = folder.with_name(folder.name + ".tmp")
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write_checkpoint_files(tmp, model, optimizer, scheduler, scaler, state)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # torch.save and safetensors report a failed write as RuntimeError / SafetensorError.
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:160]
+        raise RunWriteError(
+            f"{folder}: cannot write the checkpoint ({why}); the previous one is kept; free disk "
+            "space or raise the file-size limit, then continue with --resume"
+        ) from None
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
@@ -216,30 +297,74 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: di
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _load_state(path: Path) -> dict:
+    """``state.pt`` through ``torch.load(weights_only=True)``; a refusal or damage is one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch explains at length; keep what names the refused object ("Unsupported
+        # global: GLOBAL some.module.Class").
+        text = " ".join(str(exc).split())
+        start = text.find("Unsupported")
+        why = text[start:].split(" was not an allowed")[0] if start >= 0 else text
+        raise DataError(
+            f"{path}: not a trusted checkpoint: it holds objects other than tensors and plain data "
+            f"({why[:160]}), which mner does not unpickle; delete {path.parent} to restart this seed "
+            "with --resume, or train again with --overwrite"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        why = " ".join(str(exc).split()).split(". ")[0][:120] or type(exc).__name__
+        raise DataError(
+            f"{path}: damaged or truncated checkpoint ({why}); delete "
+            f"{path.parent} to restart this seed with --resume, or train again with --overwrite"
+        ) from None
+
+
 def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> dict | None:
-    """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none."""
-    if not (folder / "state.json").exists():
-        old = folder.with_name(folder.name + ".old")  # interrupted between the renames
-        if not (old / "state.json").exists():
-            return None
-        folder = old
-    load_model(model, str(folder / "model.safetensors"))
-    blob = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none.
+
+    Raises:
+        DataError: a damaged or untrusted checkpoint file (one line naming it).
+    """
+    found = _checkpoint_in(folder)
+    if found is None:
+        return None
+    state = read_json(found / "state.json")
+    load_weights(model, found / "model.safetensors")
+    blob = _load_state(found / "state.pt")
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
     _set_rng_state(blob["rng"])
-    return json.loads((folder / "state.json").read_text(encoding="utf-8"))
-
-
-def _atomic_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    return state
 
 
 # -- one epoch ------------------------------------------------------------------------
+
+
+def _nonfinite_loss(loss: float, batch, dataset: NerDataset, desc: str) -> NonFiniteLoss:
+    """Name the visual features of ``batch`` that hold NaN/inf, if any, else advise on rates."""
+    ids = [dataset.image_ids[dataset.windows[w].item] for w in batch.windows]
+    bad = []
+    for name, t in batch.visual.items():
+        if not t.is_floating_point():
+            continue
+        rows = t.detach().float().reshape(t.shape[0], -1)
+        nan = torch.isnan(rows).any(1)
+        inf = torch.isinf(rows).any(1)
+        if (nan | inf).any():
+            which = sorted({ids[i] for i in (nan | inf).nonzero().flatten().tolist()})
+            kind = "NaN" if nan.any() else "inf"
+            more = f" and {len(which) - 5} more" if len(which) > 5 else ""
+            bad.append(f"{name} has {kind} for image ids {', '.join(which[:5])}{more}")
+    if bad:
+        cache = getattr(dataset.visual, "cache", None)
+        where = getattr(cache, "path", "CACHE.h5")
+        return NonFiniteLoss(
+            f"{desc}: loss is {loss}: {'; '.join(bad)}; the cache is damaged: mner inspect --verify {where}"
+        )
+    return NonFiniteLoss(f"{desc}: loss is {loss}; lower the learning rates")
 
 
 def train_epoch(
@@ -261,6 +386,9 @@ def train_epoch(
     Args:
         batch_hook: optional ``f(batch) -> batch`` applied after collation (the
             training benchmark uses it to compute features per batch from images).
+
+    Raises:
+        NonFiniteLoss: the loss became NaN/inf; names the batch's damaged features if any.
     """
     model.train()
     loader = torch.utils.data.DataLoader(
@@ -275,7 +403,7 @@ def train_epoch(
         with autocast(device, precision):
             loss, _ = model.loss(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()}; lower the learning rates")
+            raise _nonfinite_loss(loss.item(), batch, dataset, desc)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -313,9 +441,11 @@ def train_run(
         cfg: the training config.
         data: a dataset folder (train/valid/test.txt) or a list of CoNLL files.
         features: the feature cache; required when the head reads visual features.
-        out: the run folder.
+        out: the run folder; locked for the whole run (a second ``mner train`` on it
+            stops with a LockError naming this process).
         resume: continue an interrupted run from its checkpoints (the config must
-            match the one recorded in ``out/config.yaml``).
+            match the one recorded in ``out/config.yaml``); a seed interrupted before
+            its first checkpoint starts afresh, exactly as an uninterrupted run.
         overwrite: replace a run already in ``out`` (its seed folders and results).
 
     Returns:
@@ -331,67 +461,93 @@ def train_run(
         torch.set_num_threads(before)
 
 
+@dataclass
+class RunContext:
+    """What every seed of a run shares (set up once by :func:`train_run`)."""
+
+    cfg: TrainConfig
+    folder: RunFolder
+    splits: dict
+    data_dir: Path
+    cache: object
+    needs: tuple[str, ...]
+    device: torch.device
+    precision: str
+    resume: bool
+
+
 def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: bool) -> dict:
     from mner.data.dataset import load_splits
 
-    out = Path(out)
+    folder = RunFolder(Path(out))
     features = Path(features) if features is not None else None
     splits = load_splits(data)
     for need in ("train", "valid"):
         if not splits.get(need):
             raise DataError(f"{data}: no {need} split (train.txt and valid.txt or dev.txt are needed)")
     cache, needs = open_cache(cfg, features)
-    _prepare_out(cfg, out, resume, overwrite)
     data_dir = Path(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else Path(splits["train"][0].source).parent
+    coverage = None
+    if cache is not None and needs:
+        coverage = image_coverage(cache, splits)
+        check_coverage(cfg, cache, coverage, data_dir)
     device = resolve_device(cfg.device)
-    precision = run_precision(cfg, device, out, resume)
-    _write_provenance(cfg, out, splits, data_dir, cache, needs, precision)
-
-    runs = []
-    for seed in cfg.seeds:
-        runs.append(
-            train_seed(cfg, seed, splits, data_dir, cache, needs, out / f"seed_{seed}", resume, device, precision)
-        )
-    summary = summarize(cfg, runs)
-    _atomic_json(out / "metrics.json", summary)
+    try:
+        with locked(folder.root, folder=True, what="run folder"):
+            precision = run_precision(cfg, device, folder, resume)
+            _prepare_out(cfg, folder, resume, overwrite)
+            _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage)
+            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume)
+            runs = [train_seed(ctx, seed) for seed in cfg.seeds]
+            summary = summarize(cfg, runs)
+            folder.write_metrics(summary)
+    except OSError as exc:
+        # The environment refused a write (full disk, size limit, read-only or not a
+        # folder): one line naming the file; what was written before stays usable.
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise write_failed(Path(exc.filename or folder.root), exc) from None
     return summary
 
 
-#: What ``mner train`` writes in a run folder (``--overwrite`` removes exactly these).
-RUN_FILES = ("config.yaml", "provenance.json", "metrics.json")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                 errno.ENOTDIR, errno.EEXIST}
 
 
-def _prepare_out(cfg: TrainConfig, out: Path, resume: bool, overwrite: bool = False) -> None:
-    cfg_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    path = out / "config.yaml"
+def _prepare_out(cfg: TrainConfig, folder: RunFolder, resume: bool, overwrite: bool = False) -> None:
+    from mner.config import to_dict
+
+    out = folder.root
     if overwrite and resume:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one")
     if overwrite and out.is_dir():
         # Only what mner train wrote: anything else the user keeps there stays.
-        for seed_dir in out.glob("seed_*"):
-            if seed_dir.is_dir():
-                shutil.rmtree(seed_dir)
+        for _, seed_dir in folder.seeds():
+            shutil.rmtree(seed_dir.path)
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
-    if not resume and (any(out.glob("seed_*/checkpoint")) or (out / "metrics.json").exists()):
+    if not resume and (any(out.glob("seed_*/checkpoint")) or folder.metrics.exists()):
         raise ConfigError(
             f"{out}: already holds a run; pass --resume to continue it, --overwrite to replace "
             "it, or choose another --out"
         )
-    if resume and path.exists():
-        old = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if resume and folder.config.exists():
+        old = folder.read_config_dict()
         new = to_dict(cfg)
-        if old != new:
-            diff = next(k for k in new if old.get(k) != new[k])
+        # A setting added after the run was written is not a difference when at its default.
+        defaults = to_dict(TrainConfig(model=cfg.model, profile=cfg.profile))
+        diff = next((k for k in new if old.get(k, defaults.get(k)) != new[k]), None)
+        if diff is not None:
             raise ConfigError(
-                f"{path}: --resume with a different config ({diff}: {old.get(diff)!r} before, "
+                f"{folder.config}: --resume with a different config ({diff}: {old.get(diff)!r} before, "
                 f"{new[diff]!r} now); use a new --out or the same settings"
             )
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(cfg_yaml, encoding="utf-8")
+    folder.write_config(cfg)
 
 
-def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs, precision: str) -> None:
+def _write_provenance(cfg, folder: RunFolder, splits, data_dir: Path, cache, needs, precision: str,
+                      coverage: dict | None) -> None:
     files = sorted({t.source for tweets in splits.values() for t in tweets[:1]})
     prov = {
         "dataset": {
@@ -403,7 +559,7 @@ def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs, prec
         "profile": cfg.profile,
         # Autocast precision the run trained and evaluated in; mner evaluate/predict reuse it.
         "precision": precision,
-        "mner_version": mner.__version__ if hasattr(mner, "__version__") else _version(),
+        "mner_version": mner_version(),
     }
     if cache is not None:
         prov["cache"] = {
@@ -412,16 +568,10 @@ def _write_provenance(cfg, out: Path, splits, data_dir: Path, cache, needs, prec
             "provenance": cache.provenance,
         }
         prov["feature_dims"] = feature_dims(cfg, cache, needs)
-    _atomic_json(out / "provenance.json", json.loads(json.dumps(prov, default=str)))
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mner")
-    except PackageNotFoundError:
-        return "unknown"
+    if coverage is not None:
+        # Per split: tweets, and how many found an ok image row in the cache.
+        prov["cache_coverage"] = coverage
+    folder.write_provenance(prov)
 
 
 def make_optimizer(model: Tagger, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -439,69 +589,98 @@ def make_optimizer(model: Tagger, cfg: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, foreach=True)
 
 
-def build_model(cfg: TrainConfig, seed: int, enc, tagset: TagSet, feature_dims: dict) -> Tagger:
-    """Head + emissions + CRF on top of ``enc``, initialised from ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = build_head(cfg, enc, feature_dims)
-        return Tagger(enc, head, tagset.names, cfg.dropout)
+# -- a seed: setup, fit, final evaluation ---------------------------------------------
 
 
-def train_seed(
-    cfg, seed, splits, data_dir, cache, needs, seed_dir: Path, resume: bool, device: torch.device, precision: str
-) -> dict:
+def _fresh_state() -> dict:
+    return {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "stopped": False, "history": []}
+
+
+@dataclass
+class SeedRun:
+    """One seed's model and training state, as :func:`setup_seed` builds it."""
+
+    seed: int
+    paths: SeedFolder
+    tagset: TagSet
+    model: Tagger
+    sets: dict[str, _Split]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    #: epoch, best_f1, best_epoch, bad_epochs, stopped, history: what a checkpoint restores.
+    state: dict = field(default_factory=_fresh_state)
+    #: True when continuing from a checkpoint (False: from scratch, resumed or not).
+    continued: bool = False
+
+
+def train_seed(ctx: RunContext, seed: int) -> dict:
     """Train, select on dev, and evaluate one seed; returns its metrics record."""
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # dvclive must not phone home
-    from dvclive import Live
+    paths = ctx.folder.seed(seed)
+    if ctx.resume and paths.metrics.exists():
+        return read_json(paths.metrics)
+    run = setup_seed(ctx, seed)
+    _kill_point("setup")
+    fit(ctx, run)
+    return final_evaluation(ctx, run)
 
-    from mner.data.conll import write_conll
 
-    metrics_path = seed_dir / "metrics.json"
-    if resume and metrics_path.exists():
-        return json.loads(metrics_path.read_text(encoding="utf-8"))
+def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
+    """Seed, build encoder/tagger/datasets/optimizer and restore a checkpoint if resuming.
+
+    A resumed seed without a checkpoint (interrupted before its first one was written)
+    is set up exactly as a new one: the encoder is built or loaded afresh (pretrained
+    weights, or the seeded tiny BERT), never rebuilt from the saved config, whose weights
+    would be random.
+    """
+    cfg = ctx.cfg
+    paths = ctx.folder.seed(seed)
     seed_everything(seed, cfg.deterministic)
-    seed_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = seed_dir / "checkpoint"
+    paths.path.mkdir(parents=True, exist_ok=True)
+    continued = ctx.resume and _checkpoint_in(paths.checkpoint) is not None
 
-    # The encoder folder is written once; a resumed run reloads its tokenizer instead of
-    # re-training it, so the vocabulary cannot drift between the two halves of a run.
-    enc_dir = seed_dir / "encoder"
-    if resume and (enc_dir / "config.json").exists():
-        enc, tokenizer = encoders.load_saved(enc_dir)
+    # The encoder folder is written once; a continued run reloads its tokenizer instead
+    # of re-training it, so the vocabulary cannot drift between the two halves of a run
+    # (the weights come from the checkpoint).
+    if continued:
+        enc, tokenizer = encoders.load_saved(paths.encoder)
     elif cfg.is_tiny_encoder:
-        enc, tokenizer = encoders.build_tiny([t.tokens for t in splits["train"]], seed, cfg.max_length)
+        enc, tokenizer = encoders.build_tiny([t.tokens for t in ctx.splits["train"]], seed, cfg.max_length)
     else:
         enc, tokenizer = encoders.load_pretrained(cfg.encoder)
-    encoders.save(enc, tokenizer, enc_dir)
-    types = {lab[2:] for t in splits["train"] for lab in t.labels if lab != "O"}
+    encoders.save(enc, tokenizer, paths.encoder)
+    types = {lab[2:] for t in ctx.splits["train"] for lab in t.labels if lab != "O"}
     tagset = TagSet(cfg.resolved_scheme(), types)
-    tagset.save(seed_dir / "labels.json")
+    tagset.save(paths.labels)
 
-    model = build_model(cfg, seed, enc, tagset, feature_dims(cfg, cache, needs)).to(device)
-    sets = _datasets(cfg, splits, tokenizer, tagset, cache, needs)
-    train_ds = sets["train"].dataset
+    model = build_model(cfg, seed, enc, tagset, feature_dims(cfg, ctx.cache, ctx.needs)).to(ctx.device)
+    sets = _datasets(cfg, ctx.splits, tokenizer, tagset, ctx.cache, ctx.needs)
 
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = math.ceil(len(sets["train"].dataset) / cfg.batch_size) * cfg.epochs
     optimizer = make_optimizer(model, cfg)
     from transformers import get_linear_schedule_with_warmup
 
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(cfg.warmup_ratio * total_steps), total_steps
-    )
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler("cuda") if ctx.precision == "fp16" else None
 
-    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "stopped": False, "history": []}
-    if resume:
-        loaded = load_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler)
-        if loaded is not None:
-            state = loaded
-    elif ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
+    run = SeedRun(seed, paths, tagset, model, sets, optimizer, scheduler, scaler, continued=continued)
+    if continued:
+        run.state = load_checkpoint(paths.checkpoint, model, optimizer, scheduler, scaler)
+    else:
+        for stale in (paths.checkpoint, paths.checkpoint.with_name("checkpoint.old")):
+            shutil.rmtree(stale, ignore_errors=True)
+    return run
 
+
+def fit(ctx: RunContext, run: SeedRun) -> None:
+    """Epochs until ``cfg.epochs`` or early stopping; keeps the best model, checkpoints each epoch."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # dvclive must not phone home
+    from dvclive import Live
+
+    cfg, state = ctx.cfg, run.state
     live = Live(
-        dir=str(seed_dir / "dvclive"),
-        resume=resume and state["epoch"] > 0,
+        dir=str(run.paths.dvclive),
+        resume=run.continued and state["epoch"] > 0,
         save_dvc_exp=False,
         dvcyaml=False,  # never touch the project's dvc.yaml from inside a training run
     )
@@ -509,23 +688,11 @@ def train_seed(
         stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
         while state["epoch"] < cfg.epochs and not state["stopped"]:
             epoch = state["epoch"] + 1
-            # The batch order depends only on (seed, epoch), so a resumed run sees the
-            # same batches without carrying a sampler state.
-            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            batches = bucket_batches(train_ds.lengths(), cfg.batch_size, cfg.bucket_size, gen)
-            t0 = time.perf_counter()
-            loss = train_epoch(
-                model, train_ds, batches, optimizer, scheduler, scaler, device, precision,
-                cfg.grad_clip, cfg.num_workers, desc=f"seed {seed} epoch {epoch}/{cfg.epochs}",
-            )
-            seconds = time.perf_counter() - t0
-            dev = _eval_split(model, sets["valid"], tagset, device, precision, cfg, data_dir)
-            f1 = dev["overall"]["f1"]
+            loss, seconds, f1 = run_epoch(ctx, run, epoch)
             state["history"].append({"epoch": epoch, "train_loss": loss, "dev_f1": f1, "seconds": seconds})
             if f1 > state["best_f1"]:
                 state.update(best_f1=f1, best_epoch=epoch, bad_epochs=0)
-                save_model(model, str(seed_dir / "model.safetensors.partial"))
-                os.replace(seed_dir / "model.safetensors.partial", seed_dir / "model.safetensors")
+                _save_best(run)
             else:
                 state["bad_epochs"] += 1
                 if cfg.patience and state["bad_epochs"] >= cfg.patience:
@@ -535,40 +702,95 @@ def train_seed(
             live.log_metric("dev/f1", f1)
             live.log_metric("epoch_seconds", seconds)
             live.next_step()
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, scaler, state)
+            save_checkpoint(run.paths.checkpoint, run.model, run.optimizer, run.scheduler, run.scaler, state)
+            _kill_point(f"epoch:{epoch}")
             if stop_after and epoch == stop_after:
                 raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}")
-        _plot_history(state["history"], seed_dir / "history.png")
+        _plot_history(state["history"], run.paths.plot)
     finally:
         live.end()
 
-    _atomic_json(seed_dir / "history.json", state["history"])
-    # Final evaluation with the best model; test is touched here only.
-    load_model(model, str(seed_dir / "model.safetensors"))
-    record = {"seed": seed, "best_epoch": state["best_epoch"]}
+
+_batches_seen = 0
+
+
+def _kill_hook() -> Callable | None:
+    """Testing: a batch hook that SIGKILLs at the n-th batch when ``MNER_KILL_AT=batch:n``."""
+    at = os.environ.get(KILL_ENV, "")
+    if not at.startswith("batch:"):
+        return None
+
+    def hook(batch):
+        global _batches_seen
+        _batches_seen += 1
+        _kill_point(f"batch:{_batches_seen}")
+        return batch
+
+    return hook
+
+
+def run_epoch(ctx: RunContext, run: SeedRun, epoch: int) -> tuple[float, float, float]:
+    """Train one epoch and score dev; returns ``(train loss, seconds, dev F1)``."""
+    cfg = ctx.cfg
+    train_ds = run.sets["train"].dataset
+    # The batch order depends only on (seed, epoch), so a resumed run sees the same
+    # batches without carrying a sampler state.
+    gen = torch.Generator().manual_seed(run.seed * 100_003 + epoch)
+    batches = bucket_batches(train_ds.lengths(), cfg.batch_size, cfg.bucket_size, gen)
+    t0 = time.perf_counter()
+    loss = train_epoch(
+        run.model, train_ds, batches, run.optimizer, run.scheduler, run.scaler, ctx.device, ctx.precision,
+        cfg.grad_clip, cfg.num_workers, desc=f"seed {run.seed} epoch {epoch}/{cfg.epochs}",
+        batch_hook=_kill_hook(),
+    )
+    seconds = time.perf_counter() - t0
+    dev = _eval_split(run.model, run.sets["valid"], run.tagset, ctx.device, ctx.precision, cfg)
+    return loss, seconds, dev["overall"]["f1"]
+
+
+def _save_best(run: SeedRun) -> None:
+    partial = run.paths.model.with_name(run.paths.model.name + ".partial")
+    try:
+        save_model(run.model, str(partial))
+        os.replace(partial, run.paths.model)
+    except (OSError, SafetensorError) as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise write_failed(run.paths.model, exc if isinstance(exc, OSError) else OSError(None, str(exc))) from None
+
+
+def final_evaluation(ctx: RunContext, run: SeedRun) -> dict:
+    """Decode dev and test with the best model; write predictions, diagnostics and metrics."""
+    from mner.data.conll import write_conll
+
+    paths, cache = run.paths, ctx.cache
+    write_json(paths.history, run.state["history"])
+    # Test is touched here only.
+    load_weights(run.model, paths.model)
+    record = {"seed": run.seed, "best_epoch": run.state["best_epoch"]}
     for split, key in (("valid", "dev"), ("test", "test")):
-        if split not in sets:
+        if split not in run.sets:
             record[key] = None
             continue
-        sp = sets[split]
-        tags, diags = predict_words(model, sp.dataset, device, cfg.eval_batch_size, precision)
-        pred = [tagset.decode(t) for t in tags]
-        write_conll(seed_dir / f"pred_{split}.txt", sp.tweets, pred, scheme="bio2")
+        sp = run.sets[split]
+        tags, diags = predict_words(run.model, sp.dataset, ctx.device, ctx.cfg.eval_batch_size, ctx.precision)
+        pred = [run.tagset.decode(t) for t in tags]
+        write_conll(paths.predictions(split), sp.tweets, pred, scheme="bio2")
         record[key] = score_split(
-            [list(t.labels) for t in sp.tweets], pred, marked_for(data_dir, split, sp.tweets)
+            [list(t.labels) for t in sp.tweets], pred, marked_for(ctx.data_dir, split, sp.tweets)
         )
         if split == "test":
             statuses = cache.status_of([t.image_id for t in sp.tweets]) if cache is not None else ["missing"] * len(sp.tweets)
-            _atomic_json(seed_dir / "diagnostics.json", group_diagnostics(diags, statuses))
-    if "test" not in sets:
-        _atomic_json(seed_dir / "diagnostics.json", {})
-    secs = [h["seconds"] for h in state["history"]]
+            write_json(paths.diagnostics, group_diagnostics(diags, statuses))
+    if "test" not in run.sets:
+        write_json(paths.diagnostics, {})
+    secs = [h["seconds"] for h in run.state["history"]]
     record["seconds_per_epoch"] = float(np.mean(secs)) if secs else 0.0
-    _atomic_json(metrics_path, record)
+    write_json(paths.metrics, record)
     return record
 
 
-def _eval_split(model, split: _Split, tagset, device, precision, cfg, data_dir) -> dict:
+def _eval_split(model, split: _Split, tagset, device, precision, cfg) -> dict:
     tags, _ = predict_words(model, split.dataset, device, cfg.eval_batch_size, precision)
     pred = [tagset.decode(t) for t in tags]
     return score_split([list(t.labels) for t in split.tweets], pred, None)
@@ -597,16 +819,6 @@ def _plot_history(history: list[dict], path: Path) -> None:
 # -- summary over seeds ---------------------------------------------------------------
 
 
-def _mean_std(values: list) -> dict | None:
-    if any(v is None for v in values):
-        return None
-    if isinstance(values[0], dict):
-        return {k: _mean_std([v[k] for v in values]) for k in values[0]}
-    arr = np.asarray(values, dtype=float)
-    # Sample standard deviation over seeds (0 for a single seed).
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
-
-
 def summarize(cfg: TrainConfig, runs: list[dict]) -> dict:
     """RUN/metrics.json: the per-seed records and their mean and std."""
     return {
@@ -614,10 +826,6 @@ def summarize(cfg: TrainConfig, runs: list[dict]) -> dict:
         "head": cfg.head,
         "profile": cfg.profile,
         "seeds": list(cfg.seeds),
-        "summary": {
-            "dev": _mean_std([r["dev"] for r in runs]),
-            "test": _mean_std([r["test"] for r in runs]),
-            "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in runs]),
-        },
+        "summary": summarize_seeds(runs),
         "runs": runs,
     }
