@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from mner.config import build
 from mner.errors import CacheError, ConfigError
 from mner.train.heads import HeadInput, get_head
+from mner.train.heads.layers import span_mean
 from mner.train.heads.mgc import MGCConfig, MGCHead
 from mner.train.losses import info_nce
-from mner.train.masking import span_mean
 
 D, DC, B, T = 24, 16, 5, 9
 ALL_LOSSES = {"kd_global", "kd_entity", "contrastive_global", "contrastive_entity"}

@@ -68,8 +68,8 @@ from torch import nn
 
 from mner.errors import ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.heads.layers import attention_heads, masked_mean
 from mner.train.losses import info_nce
-from mner.train.masking import masked_mean
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class MafConfig:
         lambda_c: weight of the image-to-text direction in L_ca (eq. 3).
         alpha: weight of L_ca in eq. (18).
         beta: weight of L_cm in eq. (18).
-        heads: m, attention heads of CI (eqs. 4-6); None = D // 64 (12 at D = 768).
+        heads: m, attention heads of CI (eqs. 4-6); None = D // 64 (12 at D = 768),
+            lowered to a divisor of D.
         ca_hidden: hidden size of the CA projection MLPs; None = D (768 in the paper).
         ffn_dim: inner size of the CI feed-forward network (eq. 8); None = 4 D.
         swap_fraction: 2k / N, the fraction of image rows whose images are swapped for
@@ -146,12 +147,7 @@ class MafHead(FusionHead):
     def __init__(self, cfg: MafConfig, text_dim: int, feature_dims):
         super().__init__(cfg, text_dim, feature_dims)
         d = text_dim
-        heads = cfg.heads or max(1, d // 64)
-        if d % heads:
-            raise ConfigError(
-                f"head.heads={heads} does not divide the encoder size {d}; "
-                f"set -o head.heads to a divisor of {d}"
-            )
+        heads = attention_heads(d, cfg.heads)
         dv = self.feature_dims["resnet/grid"]
         self.out_dim = 2 * d
 
@@ -170,6 +166,7 @@ class MafHead(FusionHead):
         self.gate_text = nn.Linear(d, d)
         self.gate_visual = nn.Linear(d, d, bias=False)
 
+        self.pooler = self.ca_text = self.ca_image = self.match = None
         if not cfg.no_ca:
             hid = cfg.ca_hidden or d
             dg = self.feature_dims["resnet/pooled"]
@@ -205,12 +202,8 @@ class MafHead(FusionHead):
         cfg = self.cfg
         t = batch.hidden  # (B, T, D)
         B, T, _ = t.shape
-        tok = batch.token_mask.bool()  # (B, T)
-        img = (
-            batch.image_mask.bool()
-            if batch.image_mask is not None
-            else torch.ones(B, dtype=torch.bool, device=t.device)
-        )
+        tok = batch.token_mask  # (B, T)
+        img = batch.image_mask  # (B,)
         aux: dict[str, torch.Tensor] = {}
         scale = 1.0 / (1.0 - cfg.alpha - cfg.beta)  # eq. (18) divided by (1 - alpha - beta)
 

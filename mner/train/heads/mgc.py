@@ -9,7 +9,7 @@ E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):
 * eq. 1, ``H = BERT(X)``: ``batch.hidden`` (B, T, D); ``h^g`` is its [CLS] row 0.
 * eqs. 2-3, the mapping ``E(.)`` into the joint space: ``self.joint`` = Linear(D -> Dc);
   ``u_gl_s = E(h^g)`` (B, Dc) and ``u_e_s = E(psi(span))`` (B, E, Dc) with ``psi`` the
-  mean over each entity's sub-tokens (``masking.span_mean``).
+  mean over each entity's sub-tokens (``layers.span_mean``).
 * eq. 4, ``g = ViT(V)``: the cached CLIP image embedding ``clip/image_embed`` (B, Dc).
 * eqs. 5-6, the CLIP text teacher: ``batch.text_teacher["sentence"]`` (B, Dc) and
   ``["entities"]`` (B, E, Dc), cached by ``mner extract``.
@@ -24,7 +24,7 @@ E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):
   similar to it (argmax of the cosine over real entities), then the same InfoNCE ->
   ``aux_losses["contrastive_entity"]``.
 * eqs. 13-18, the output module: UMT's multimodal interaction
-  (:class:`mner.train.heads.umt.MultimodalInteraction`) with ``g`` projected to D as a
+  (:class:`mner.train.heads.layers.MultimodalInteraction`) with ``g`` projected to D as a
   single visual item (R=1), the visual gate ``c`` and ``S = [A; B]`` (B, T, 2D).
 * eq. 20, ``L = L_mner + lambda (L_G^C + L_E^C) + beta (L_G^KD + L_E^KD)``: the trainer
   adds the CRF loss (eq. 19) to the aux losses, which are already multiplied by
@@ -59,9 +59,8 @@ from torch import nn
 
 from mner.errors import CacheError, ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.heads.umt import MultimodalInteraction, mean_gate, resolve_heads
+from mner.train.heads.layers import MultimodalInteraction, attention_heads, mean_gate, span_mean
 from mner.train.losses import info_nce
-from mner.train.masking import span_mean
 
 IMAGE = "clip/image_embed"
 TEACHER = "clip_text/sentence"
@@ -154,7 +153,7 @@ class MGCHead(FusionHead):
         self.interaction = None
         if not cfg.no_visual:
             self.interaction = MultimodalInteraction(
-                D, self.feature_dims[IMAGE], resolve_heads(cfg.heads, D), cfg.ffn_dim or 4 * D, cfg.dropout
+                D, self.feature_dims[IMAGE], attention_heads(D, cfg.heads), cfg.ffn_dim or 4 * D, cfg.dropout
             )
             self.out_dim = self.interaction.out_dim
 
@@ -172,13 +171,10 @@ class MGCHead(FusionHead):
         """
         cfg = self.cfg
         H = batch.hidden
-        mask = batch.token_mask.bool()
+        mask = batch.token_mask
         B = H.shape[0]
         out = HeadOutput(hidden=H)
         image_mask = batch.image_mask
-        if image_mask is None:
-            image_mask = torch.ones(B, dtype=torch.bool, device=H.device)
-        image_mask = image_mask.bool()
         g = batch.visual[IMAGE].to(H.dtype) if self.interaction is not None else None  # (B, Dc)
 
         # Output module, eqs. 13-18: the image embedding is one visual item (R=1).
