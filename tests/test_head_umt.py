@@ -346,5 +346,5 @@ def test_ffn_follows_the_encoder_unless_set():
 
     assert ffn("umt").text_layer.ffn[0].out_features == 48  # UMT's layers: the BERT config's
     assert ffn("umt", head={"ffn_dim": 40}).text_layer.ffn[0].out_features == 40
-    assert ffn("maf").ci_ffn[0].out_features == 4 * D  # MAF's own FFN keeps its 4 D
+    assert ffn("maf").ci.ffn[0].out_features == 4 * D  # MAF's own FFN keeps its 4 D
     assert make_head().text_layer.ffn[0].out_features == 4 * D  # no encoder: 4 D

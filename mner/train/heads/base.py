@@ -160,6 +160,10 @@ class FusionHead(nn.Module):
     #: UMT's code builds them), so its ``Config.ffn_dim=None`` means the encoder's
     #: intermediate size (the trainer fills it in; 3072 = 4 x 768 for BERT-base).
     ffn_follows_encoder: ClassVar[bool] = False
+    #: Parameter-name prefixes that moved (old -> new, relative to the head), so that the
+    #: checkpoints of run folders written before the move still load; the one place
+    #: where an old name is mapped (see :meth:`_rename_old_parameters`).
+    renamed_parameters: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, cfg, text_dim: int, feature_dims: Mapping[str, int]):
         """Args:
@@ -173,6 +177,17 @@ class FusionHead(nn.Module):
         self.text_dim = text_dim
         self.feature_dims = dict(feature_dims)
         self.out_dim = text_dim
+        if self.renamed_parameters:
+            self.register_load_state_dict_pre_hook(self._rename_old_parameters)
+
+    def _rename_old_parameters(self, module, state_dict, prefix, *args) -> None:
+        """Load-time hook: rename ``prefix + old...`` keys of ``state_dict`` in place."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for old, new in self.renamed_parameters.items():
+                if rest.startswith(old):
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                    break
 
     @classmethod
     def required_features(cls, cfg) -> tuple[str, ...]:

@@ -16,9 +16,10 @@ Equation map (paper -> code):
   (1) L^(V_c->T_c), (2) L^(T_c->V_c): InfoNCE with cosine similarity and temperature
   tau; (3) L_ca = lambda_c L^(V->T) + (1 - lambda_c) L^(T->V)   -> ``l_ca`` (losses.info_nce)
 * 3.3 CI (cross-modal interaction), tokens attend to the 49 regions:
-  (4)-(6) m-head attention, queries T, keys/values V        -> ``self.ci_attn``, ``cv``
-  (7) V' = LN(T + CV)                                        -> ``self.ci_norm1``
-  (8) C = LN(V' + FFN(V'))                   -> ``self.ci_ffn``, ``self.ci_norm2``, ``c``
+  one layer of the shared :class:`~mner.train.heads.layers.CrossModalLayer`, ``self.ci``:
+  (4)-(6) m-head attention, queries T, keys/values V        -> ``self.ci.attn``
+  (7) V' = LN(T + CV)                                        -> ``self.ci.norm1``
+  (8) C = LN(V' + FFN(V'))                    -> ``self.ci.ffn``, ``self.ci.norm2``, ``c``
 * 3.4 CM (cross-modal matching), switch ``no_cm``:
   swap the images (C rows) of 2k pairs in training  -> ``_swap``, ``c_swap``, ``y_m``
   (9) F_i = Flatten([T; C]) over the fixed length n+2 = ``max_len``
@@ -68,7 +69,7 @@ from torch import nn
 
 from mner.errors import ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.heads.layers import attention_heads, masked_mean
+from mner.train.heads.layers import CrossModalLayer, attention_heads, masked_mean
 from mner.train.losses import info_nce
 
 
@@ -143,6 +144,9 @@ class MafHead(FusionHead):
     needs = ("resnet/grid", "resnet/pooled")
     default_scheme = "bioes"
     Config = MafConfig
+    # CI's layers were the head's own attributes before it used the shared layer.
+    renamed_parameters = {"ci_attn.": "ci.attn.", "ci_norm1.": "ci.norm1.", "ci_ffn.": "ci.ffn.",
+                          "ci_norm2.": "ci.norm2."}
 
     def __init__(self, cfg: MafConfig, text_dim: int, feature_dims):
         super().__init__(cfg, text_dim, feature_dims)
@@ -153,15 +157,8 @@ class MafHead(FusionHead):
 
         # 3.1.2: V = W_j^T J.
         self.region_proj = nn.Linear(dv, d)
-        # 3.3, eqs. (4)-(8).
-        self.ci_attn = nn.MultiheadAttention(d, heads, dropout=cfg.dropout, batch_first=True)
-        self.ci_norm1 = nn.LayerNorm(d)
-        ffn = cfg.ffn_dim or 4 * d
-        self.ci_ffn = nn.Sequential(
-            nn.Linear(d, ffn), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(ffn, d)
-        )
-        self.ci_norm2 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        # 3.3, eqs. (4)-(8): the shared layer, with dropout inside the FFN.
+        self.ci = CrossModalLayer(d, heads, cfg.ffn_dim or 4 * d, cfg.dropout, ffn_dropout=True)
         # 3.5, eq. (13).
         self.gate_text = nn.Linear(d, d)
         self.gate_visual = nn.Linear(d, d, bias=False)
@@ -219,9 +216,7 @@ class MafHead(FusionHead):
 
         # ---- 3.3 cross-modal interaction (CI), eqs. (4)-(8).
         v = self.region_proj(batch.visual["resnet/grid"].to(t.dtype))  # (B, R, D)
-        cv, _ = self.ci_attn(t, v, v, need_weights=False)  # eqs. (4)-(6): (B, T, D)
-        v_prime = self.ci_norm1(t + self.dropout(cv))  # eq. (7)
-        c = self.ci_norm2(v_prime + self.dropout(self.ci_ffn(v_prime)))  # eq. (8): (B, T, D)
+        c = self.ci(t, v)  # eqs. (4)-(8): C = LN(V' + FFN(V')), V' = LN(T + CV): (B, T, D)
 
         # ---- 3.4 cross-modal matching (CM), eqs. (9)-(12).
         if cfg.no_cm:
