@@ -142,3 +142,15 @@ def test_heads_import_only_the_contract_and_the_shared_blocks():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         siblings = {m.rsplit(".", 1)[-1] for m in imported if m.startswith("mner.train.heads.")}
         assert siblings <= {"base", "layers"}, (stem, siblings)
+
+
+def test_every_head_cites_its_paper_without_a_path_outside_the_repository():
+    import sys
+
+    papers = (Path(__file__).parents[1] / "docs" / "papers.md").read_text(encoding="utf-8")
+    for name, cls in HEADS.items():
+        doc = sys.modules[cls.__module__].__doc__
+        assert "docs/papers.md" in doc, name
+        assert "../" not in doc and ".txt" not in doc, name
+        assert f"| `{name}` |" in papers, name
+    assert papers.count("@inproceedings{") + papers.count("@article{") + papers.count("@misc{") >= 7

@@ -1,6 +1,9 @@
 """BFCL: MNER with Bottleneck Fusion and Contrastive Learning (Wang et al., IEICE 2023).
 
-Paper: ../shared/papers/001_9aa0ae0d2350b47d.txt. Tags are BIO2 as in the paper.
+Paper: Peng Wang, Xiaohang Chen, Ziyu Shang and Wenjun Ke, "Multimodal Named Entity
+Recognition with Bottleneck Fusion and Contrastive Learning", IEICE Transactions on
+Information and Systems E106.D(4), pp. 545-555, 2023, doi:10.1587/transinf.2022EDP7116
+(docs/papers.md). Tags are BIO2 as in the paper.
 
 Inputs: ``hidden`` = the BERT token states C (B, T, Dt); ``resnet/grid`` = the 7x7
 ResNet regions U (B, R=49, Dv). D is the shared multimodal size d (768 in the paper;
@@ -59,7 +62,7 @@ Choices where the paper is silent or garbled, and why:
 * Bottleneck layers number at least 2, else no visual information reaches the text.
 * Without BF, eq. (9) feeds nothing, so ``no_bf`` does not build it either.
 * Missing images (``image_mask`` False): V is replaced by a learned "no image"
-  embedding (masking.replace_missing) and those rows are excluded from CL.
+  embedding (layers.replace_missing) and those rows are excluded from CL.
 * The attention head count defaults to D // 64 (the paper's 12 at D = 768); the FFN
   inner size is 4 D as in BERT.
 """

@@ -1,7 +1,9 @@
-"""HamLearning: hierarchical aligned multimodal learning (Liu et al., AAAI 2023).
+"""HamLearning: hierarchical aligned multimodal learning (Liu et al., AAAI 2024).
 
-Paper: ../shared/papers/004_b9c1c4cb1bc4ba04.txt ("Hierarchical Aligned Multimodal
-Learning for NER on Tweet Posts"). Read its Method section next to :meth:`HamLearning.forward`,
+Paper: Peipei Liu, Hong Li, Yimo Ren, Jie Liu, Shuaizong Si, Hongsong Zhu and Limin Sun,
+"Hierarchical Aligned Multimodal Learning for NER on Tweet Posts", AAAI 2024 (vol. 38,
+no. 17), doi:10.1609/aaai.v38i17.29831, arXiv:2305.08372 (docs/papers.md).
+Read its Method section next to :meth:`HamLearning.forward`,
 which follows it top to bottom. Equations -> code:
 
 * (1) h_i = BERT(x_i), then a textual Transformer -> h^T:
@@ -291,7 +293,7 @@ class HamLearning(FusionHead):
     relevance-scaled global/local fusion, and L rounds of cross-modal Transformers."""
 
     name = "hamlearning"
-    summary = ("HamLearning (Liu et al. 2023): ViT + gated R-GCN over objects, "
+    summary = ("HamLearning (Liu et al. 2024): ViT + gated R-GCN over objects, "
                "sentence-image relevance, iterative cross-modal Transformer")
     needs = (RESNET, OBJ_FEATURES, OBJ_BOXES, OBJ_LABELS, RELATIONS)
     Config = HamLearningConfig

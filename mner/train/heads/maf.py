@@ -1,7 +1,9 @@
 """MAF: a general Matching and Alignment Framework for MNER (Xu et al., WSDM 2022).
 
-Paper: ../shared/papers/002_c5cc8215d4c97a04.txt (reference code: github.com/xubodhu/MAF,
-``mybert/gate_cl_modeling.py``). Tags are BIOES as in the paper (section 2.1).
+Paper: Bo Xu, Shizhou Huang, Chaofeng Sha and Hongya Wang, "MAF: A General Matching
+and Alignment Framework for Multimodal Named Entity Recognition", WSDM 2022,
+doi:10.1145/3488560.3498475 (docs/papers.md); reference code: github.com/xubodhu/MAF,
+``mybert/gate_cl_modeling.py``. Tags are BIOES as in the paper (section 2.1).
 
 Inputs (section 3.1): ``hidden`` = the BERT token states T (B, T, Dt), position 0 is
 [CLS]; ``resnet/grid`` = the 7x7 ResNet regions J (B, R=49, Dv); ``resnet/pooled`` =

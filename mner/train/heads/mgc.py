@@ -1,7 +1,8 @@
 """MGC: Multi-Granularity Contrastive knowledge distillation.
 
-Paper: ../shared/papers/000_72bfaac9fd095f9c.txt ("Multi-Granularity Contrastive
-Knowledge Distillation for Multimodal Named Entity Recognition"), section 2.
+Paper: Anonymous, "Multi-Granularity Contrastive Knowledge Distillation for Multimodal
+Named Entity Recognition", anonymous ACL submission (ACL Rolling Review, c. 2022; no
+author list, arXiv id or DOI in the submitted text), section 2 (docs/papers.md).
 
 Map from the paper's equations to this module (shapes: B batch, T sub-tokens,
 E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):

@@ -1,6 +1,9 @@
 """MGIPS-CL: Multi-Granularity Interweave and Implicit Positive Sample Contrastive Learning.
 
-Paper: ../shared/papers/003_33abc747ca47338e.txt (section 3, ablation table 3).
+Paper: "MGIPS-CL: Multimodal NER with Multi-Granularity Interweave and Implicit Positive
+Sample Contrastive Learning", a journal article (c. 2025) whose copy the implementation
+follows names no authors, venue, arXiv id or DOI (docs/papers.md); section 3 and
+ablation table 3.
 
 Visual input. The paper feeds CLIP three visual-grounding crops of 128 x 128 pixels,
 each cut into 4 x 4 patches of 32 pixels, plus one learnable class embedding (section

@@ -1,11 +1,12 @@
 """UMT: Unified Multimodal Transformer with auxiliary entity span detection.
 
-Paper: Yu, Jiang, Yang and Xia (2020), "Improving Multimodal Named Entity Recognition
-via Entity Span Detection with Unified Multimodal Transformer" (ACL 2020). It is not in
-../shared/papers; our spec is its summary in section 2.4 ("Output Module", eqs.
-13-18) of ../shared/papers/000_72bfaac9fd095f9c.txt (MGC, which builds on UMT),
-with UMT's own design and its authors' released code for what that summary leaves out
-(the extra text transformer layer, the ESD branch and its loss weight 0.5).
+Paper: Jianfei Yu, Jing Jiang, Li Yang and Rui Xia, "Improving Multimodal Named Entity
+Recognition via Entity Span Detection with Unified Multimodal Transformer", ACL 2020,
+pp. 3342-3352, doi:10.18653/v1/2020.acl-main.306 (docs/papers.md). The equation
+numbers below are those of its summary in section 2.4 ("Output Module", eqs. 13-18) of
+the MGC paper (see ``mgc.py``), which builds on UMT; UMT's own design and its authors'
+released code fill in what that summary leaves out (the extra text transformer layer,
+the ESD branch and its loss weight 0.5).
 
 Map from the equations (MGC paper numbering) to this module:
 
@@ -16,7 +17,9 @@ Map from the equations (MGC paper numbering) to this module:
   (``UMTHead.text_layer``, UMT's "main" text branch; switch ``text_layer``: False uses
   the encoder states as ``H``, as MGC's section 2.4 summary states it).
 * eqs. 13-16, ``P = LN(P~ + FFN(P~))`` with ``P~ = LN(g + M(H, g))``: regions attend to
-  words, ``TransformerLayer`` ``img2txt`` (query V, key/value H) -> ``P`` (B, R, D).
+  words, a shared ``CrossModalLayer`` ``img2txt`` (query V, key/value H) -> ``P`` (B, R, D).
+  The interaction module (``MultimodalInteraction``) and its layers are the shared
+  building blocks of ``mner/train/heads/layers.py``, which MGC's output module uses too.
 * image-aware word representation ``A``: words attend to ``P`` through a second
   cross-modal transformer layer ``txt2img_word`` (query H, key/value P) -> (B, T, D).
 * word-aware visual representation ``Q``: words attend to the regions,
@@ -38,8 +41,8 @@ Map from the equations (MGC paper numbering) to this module:
   tagger's typed emissions become ``0.5 * E + 0.5 * prior`` in training and decoding.
   The ESD branch therefore also runs at inference while the conversion is on.
 
-Ablation switches, one per component of the design above (the UMT paper is not in
-../shared/papers, so its ablation table could not be checked row by row); each
+Ablation switches, one per component of the design above (the UMT paper's own text
+was not at hand, so its ablation table could not be checked row by row); each
 removes exactly its parameters and loss term: ``text_layer`` (False: ``H`` is the
 encoder output; one transformer layer less, about a sixth of the head's cost at BERT-base), ``esd`` (False:
 no ESD branch, no ``esd`` loss, no conversion), ``conversion`` (False: ESD is a training-only
