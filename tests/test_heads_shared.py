@@ -81,7 +81,7 @@ def _config_fields(cls) -> set[str]:
 
 
 def test_shared_options_have_one_name_and_old_names_point_to_fields():
-    known_old = {"num_heads", "ma_heads", "hidden"}
+    known_old = {"num_heads", "ma_heads", "hidden", "no_contrastive", "contrastive_weight"}
     for name, cls in HEADS.items():
         fields = _config_fields(cls)
         # Every attention-head option is called ``heads``.
@@ -92,13 +92,15 @@ def test_shared_options_have_one_name_and_old_names_point_to_fields():
     assert HEADS["hamlearning"].Config.renamed_options == {"num_heads": "heads"}
     assert HEADS["mgips_cl"].Config.renamed_options == {"ma_heads": "heads"}
     assert HEADS["bfcl"].Config.renamed_options == {"hidden": "hidden_dim"}
+    assert HEADS["mgc"].Config.renamed_options == {"no_contrastive": "no_cl", "contrastive_weight": "cl_weight"}
     for name in ("umt", "mgc", "maf", "bfcl", "mgips_cl", "hamlearning"):
         assert "heads" in _config_fields(HEADS[name]), name
 
 
 @pytest.mark.parametrize(
     ("model", "old", "new"),
-    [("hamlearning", "num_heads", "heads"), ("mgips_cl", "ma_heads", "heads"), ("bfcl", "hidden", "hidden_dim")],
+    [("hamlearning", "num_heads", "heads"), ("mgips_cl", "ma_heads", "heads"), ("bfcl", "hidden", "hidden_dim"),
+     ("mgc", "no_contrastive", "no_cl")],
 )
 def test_old_option_name_gives_one_line_naming_the_new_one(model, old, new):
     from mner.train.config import make_train_config

@@ -139,6 +139,8 @@ SHARED_OPTIONS = {
     "ffn_dim": "inner size of the transformer feed-forward layers; null = 4 D (or the encoder's)",
     "dropout": "dropout inside the head's layers",
     "temperature": "tau of the head's contrastive losses",
+    "no_cl": "ablation: drop the head's image-text contrastive loss(es)",
+    "cl_weight": "weight of the image-text contrastive loss(es) in the total loss",
 }
 
 
