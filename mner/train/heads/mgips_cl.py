@@ -203,14 +203,18 @@ class _Block(nn.Module):
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
-class _ImageLayer(nn.Module):
-    """Eq. 4 (image side): H^v_{l+1} = Attn(Q^v, K^v, V^v), plain self-attention."""
+class _MutualLayer(nn.Module):
+    """Q, K, V projections and a BERT layer's tail: what both streams' layers have."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.p = heads, dropout
         self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
         self.block = _Block(dim, dropout)
+
+
+class _ImageLayer(_MutualLayer):
+    """Eq. 4 (image side): H^v_{l+1} = Attn(Q^v, K^v, V^v), plain self-attention."""
 
     def forward(self, hv: torch.Tensor, vmask: torch.Tensor):
         """Args: hv (B, M, D); vmask (B, M). Returns H^v_{l+1} (B, M, D) and K^v, V^v."""
@@ -219,14 +223,8 @@ class _ImageLayer(nn.Module):
         return self.block(hv, att), k, v
 
 
-class _TextLayer(nn.Module):
+class _TextLayer(_MutualLayer):
     """Eqs. 2-4 (text side): text queries over [image keys/values, text keys/values]."""
-
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads, self.p = heads, dropout
-        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
-        self.block = _Block(dim, dropout)
 
     def forward(self, ht, tmask, kv, vv, vmask) -> torch.Tensor:
         """Args: ht (B, T, D); tmask (B, T); kv, vv (B, M, D) image K^v, V^v; vmask (B, M)."""
