@@ -96,7 +96,7 @@ def test_post_norm_option():
 
 
 def test_hidden_size_is_configurable():
-    head = BfclHead(BfclConfig(hidden=48, heads=3, **SMALL), D, DIMS)
+    head = BfclHead(BfclConfig(hidden_dim=48, heads=3, **SMALL), D, DIMS)
     out = head(make_batch())
     assert head.out_dim == 48 and out.hidden.shape[-1] == 48
 

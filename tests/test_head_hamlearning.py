@@ -23,7 +23,7 @@ DIMS = {"resnet/pooled": DV, "objects/features": DO}
 
 
 def small_cfg(**kw) -> HamLearningConfig:
-    base = dict(num_object_classes=C, num_heads=4, semantic_layers=2, dropout=0.1)
+    base = dict(num_object_classes=C, heads=4, semantic_layers=2, dropout=0.1)
     base.update(kw)
     return HamLearningConfig(**base)
 
@@ -68,7 +68,7 @@ def test_registered_with_paper_defaults():
     assert cls is HamLearning
     cfg = build(cls.Config, {}, where="test")
     assert (cfg.semantic_layers, cfg.rgcn_layers, cfg.rounds, cfg.ffnn_layers) == (4, 2, 3, 2)
-    assert (cfg.num_heads, cfg.dropout, cfg.num_object_classes, cfg.num_relations) == (12, 0.1, 91, 12)
+    assert (cfg.heads, cfg.dropout, cfg.num_object_classes, cfg.num_relations) == (None, 0.1, 91, 12)
     assert not (cfg.no_rgcn or cfg.no_vit or cfg.no_rm)
     assert cfg.num_relations == len(RELATION_NAMES)  # the extractor's label set
     # Tiny profile: text_dim 128 -> hidden 128, 12 heads do not divide it so 8 are used.
@@ -103,8 +103,8 @@ def test_hidden_dim_and_rounds_configurable():
     assert head(make_batch()).hidden.shape == (4, 7, 16)
     assert len(head.rounds) == 5
     # The last round only updates the text: its visual outputs could not reach H.
-    assert all(hasattr(r, "semantic") and hasattr(r, "spatial") for r in head.rounds[:4])
-    assert not hasattr(head.rounds[4], "semantic") and not hasattr(head.rounds[4], "spatial")
+    assert all(r.semantic is not None and r.spatial is not None for r in head.rounds[:4])
+    assert head.rounds[4].semantic is None and head.rounds[4].spatial is None
     one = make_head(rounds=1)
     assert not any(".semantic." in n or ".spatial." in n for n, _ in one.rounds.named_parameters())
 

@@ -62,7 +62,7 @@ def test_registered_with_paper_defaults():
     # m = 12 heads at D = 768; hidden sizes follow the encoder.
     with torch.device("meta"):  # paper sizes, without paying for their initialisation
         big = MafHead(MafConfig(), 768, {"resnet/grid": 2048, "resnet/pooled": 2048})
-    assert big.ci_attn.num_heads == 12
+    assert big.ci.attn.num_heads == 12
     assert big.ca_text[0].out_features == 768
     assert big.out_dim == 1536
 

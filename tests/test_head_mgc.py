@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from mner.config import build
 from mner.errors import CacheError, ConfigError
 from mner.train.heads import HeadInput, get_head
+from mner.train.heads.layers import span_mean
 from mner.train.heads.mgc import MGCConfig, MGCHead
 from mner.train.losses import info_nce
-from mner.train.masking import span_mean
 
 D, DC, B, T = 24, 16, 5, 9
 ALL_LOSSES = {"kd_global", "kd_entity", "contrastive_global", "contrastive_entity"}
@@ -128,7 +128,7 @@ def test_missing_image_is_ignored_and_left_out_of_contrastive_losses():
 
 def test_losses_follow_the_equations_with_an_identity_mapping():
     # With D = Dc and E(.) the identity, u_gl = h_[CLS] and u_e = the span means.
-    head = make_head(dim=DC, kd_weight=2.0, contrastive_weight=0.5).eval()
+    head = make_head(dim=DC, kd_weight=2.0, cl_weight=0.5).eval()
     with torch.no_grad():
         head.joint.weight.copy_(torch.eye(DC))
         head.joint.bias.zero_()
@@ -197,12 +197,12 @@ def test_kd_and_contrastive_switches_remove_their_losses():
     full = _names(make_head())
     batch = make_batch()
     for switch, gone in (("no_kd", {"kd_global", "kd_entity"}),
-                         ("no_contrastive", {"contrastive_global", "contrastive_entity"})):
+                         ("no_cl", {"contrastive_global", "contrastive_entity"})):
         head = make_head(**{switch: True}).eval()
         # E(.) is shared by both losses, so one switch alone removes no parameter.
         assert _names(head) == full
         assert set(head(batch).aux_losses) == ALL_LOSSES - gone
-    both = make_head(no_kd=True, no_contrastive=True).eval()
+    both = make_head(no_kd=True, no_cl=True).eval()
     assert full - _names(both) == {"joint.weight", "joint.bias"}
     out = both(batch)
     assert out.aux_losses == {} and "mgc_image_text_sim" not in out.diagnostics
@@ -246,6 +246,6 @@ def test_ablations_are_set_from_the_command_line():
 
     cfg = make_train_config({}, ["head.no_visual=true", "no_kd=true"], model="mgc", profile="tiny")
     head_cfg = cfg.head_config()
-    assert head_cfg.no_visual and head_cfg.no_kd and not head_cfg.no_contrastive
+    assert head_cfg.no_visual and head_cfg.no_kd and not head_cfg.no_cl
     assert cfg.head_class().required_features(head_cfg) == ()
     assert cfg.head["temperature"] == 0.05

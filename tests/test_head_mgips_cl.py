@@ -13,13 +13,13 @@ from mner.train.heads import get_head
 from mner.train.heads.base import HeadInput
 from mner.train.heads.mgips_cl import CROPS, MgipsClConfig, MgipsClHead
 
-DT, DC = 32, 24  # text and CLIP widths, small; heads use ma_heads=2
+DT, DC = 32, 24  # text and CLIP widths, small; heads use heads=2
 B, T = 8, 7
 
 
 def make_head(seed: int = 0, **overrides) -> MgipsClHead:
     torch.manual_seed(seed)
-    cfg = MgipsClConfig(ma_heads=2, **overrides)
+    cfg = MgipsClConfig(heads=2, **overrides)
     return MgipsClHead(cfg, DT, {CROPS: DC})
 
 
@@ -52,8 +52,8 @@ def test_registered_with_paper_defaults():
     head = cls(cfg, 768, {CROPS: 512})
     assert head.heads == 12 and head.out_dim == 768
     assert cls(cfg, 200, {CROPS: 8}).heads == 2  # 200 // 64 = 3 does not divide 200
-    with pytest.raises(ConfigError, match="ma_heads"):
-        cls(MgipsClConfig(ma_heads=5), 32, {CROPS: 8})
+    with pytest.raises(ConfigError, match="heads"):
+        cls(MgipsClConfig(heads=5), 32, {CROPS: 8})
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ import torch
 from mner.config import build
 from mner.errors import ConfigError
 from mner.train.heads import HeadInput, get_head
+from mner.train.heads.layers import attention_heads
 from mner.train.heads.umt import (
     SPAN_TAGS,
     UMTConfig,
     UMTHead,
     compact_labelled,
     conversion_matrix,
-    resolve_heads,
     span_tag_map,
 )
 
@@ -316,8 +316,8 @@ def test_config_is_strict_and_validated():
 def test_default_heads_follow_bert_head_size():
     assert make_head().text_layer.attn.num_heads == 1  # D=32 < 64
     assert make_head(heads=4).text_layer.attn.num_heads == 4
-    assert resolve_heads(None, 768) == 12  # the paper's value for BERT-base
-    assert resolve_heads(None, 128) == 2  # the tiny profile
+    assert attention_heads(768, None) == 12  # the paper's value for BERT-base
+    assert attention_heads(128, None) == 2  # the tiny profile
 
 
 def test_switches_are_set_from_the_command_line():
@@ -346,5 +346,5 @@ def test_ffn_follows_the_encoder_unless_set():
 
     assert ffn("umt").text_layer.ffn[0].out_features == 48  # UMT's layers: the BERT config's
     assert ffn("umt", head={"ffn_dim": 40}).text_layer.ffn[0].out_features == 40
-    assert ffn("maf").ci_ffn[0].out_features == 4 * D  # MAF's own FFN keeps its 4 D
+    assert ffn("maf").ci.ffn[0].out_features == 4 * D  # MAF's own FFN keeps its 4 D
     assert make_head().text_layer.ffn[0].out_features == 4 * D  # no encoder: 4 D

@@ -1,11 +1,11 @@
-"""mner.train.masking: masked means, attention masks, missing images, span pooling."""
+"""mner.train.heads.layers: masked means, attention masks, missing images, span pooling."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mner.train.masking import key_padding_mask, masked_mean, replace_missing, span_mean
+from mner.train.heads.layers import key_padding_mask, masked_mean, replace_missing, span_mean
 
 
 def test_masked_mean_counts_only_real_positions():

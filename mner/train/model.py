@@ -64,6 +64,8 @@ class Tagger(nn.Module):
         enc = self.encoder(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()
         ).last_hidden_state  # (B, T, Dt)
+        # HeadInput keeps the contract's masks (bool token_mask, an image_mask even for a
+        # batch without images), so no head re-defaults them.
         out = self.head(
             HeadInput(
                 hidden=enc,

@@ -16,7 +16,14 @@ fusion parameters. A head declares:
 * ``needs_text_teacher``: whether it reads the cached CLIP text-teacher embeddings;
 * ``Config``: a frozen dataclass of its hyperparameters and ablation switches, with the
   paper's values as defaults (built strictly from ``train.head`` in params.yaml and
-  ``-o key=value`` overrides).
+  ``-o key=value`` overrides). An option every head may have keeps one name across
+  heads (:data:`SHARED_OPTIONS`); a renamed option is listed in the Config's
+  ``renamed_options`` ClassVar (old name -> new name), so that an old name in a
+  params file, a run folder's config.yaml or ``-o`` is refused with one line naming
+  the new one.
+
+Optional submodules (those an ablation switch removes) are set to ``None`` when they
+are not built and tested with ``is not None``.
 
 Letters in shape comments: B batch, T sub-tokens (including [CLS] at 0 and [SEP]),
 R image regions, O objects, E entities, D dims.
@@ -46,10 +53,17 @@ class HeadInput:
             ``needs``. Leading dim B. Rows of images whose status is not ok are zeros.
         visual_masks: bool masks for padded visual items, keyed like ``visual`` where
             the dataset has a variable count (e.g. ``"objects/features"``: (B, O);
-            ``"relations/labels"``: (B, O+1)). Absent for fixed-size grids.
+            ``"relations/labels"``: (B, O+1)). Absent for fixed-size grids; read them
+            through :meth:`item_mask`, which stands in an all-True mask.
         image_mask: (B,) bool, True when the tweet's image was read (status ok).
             Heads must not use the visual rows where it is False; they use a mask or a
-            learned "no image" embedding instead.
+            learned "no image" embedding instead. Always present: a batch built
+            without it (a text-only head, a test) gets all-True.
+
+    Every mask is True for a real item (see ``mner.train.heads.layers``). The contract
+    is kept here, where every batch a head sees is built: ``token_mask`` and
+    ``image_mask`` are bool tensors of shapes (B, T) and (B,), so heads neither
+    re-default nor convert them.
         labels: (B, T) long tag ids at first sub-tokens, -100 elsewhere; None at
             prediction time. Heads with auxiliary tagging losses read it.
         label_names: the tag names indexed by ``labels`` (e.g. ``["O", "B-PER", ...]``).
@@ -70,6 +84,26 @@ class HeadInput:
     entity_spans: torch.Tensor | None = None
     entity_mask: torch.Tensor | None = None
     text_teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        B, T = self.hidden.shape[:2]
+        self.token_mask = self.token_mask.bool()
+        if tuple(self.token_mask.shape) != (B, T):
+            raise ValueError(f"token_mask is {tuple(self.token_mask.shape)}, expected {(B, T)}")
+        if self.image_mask is None:
+            self.image_mask = torch.ones(B, dtype=torch.bool, device=self.hidden.device)
+        self.image_mask = self.image_mask.bool()
+        if tuple(self.image_mask.shape) != (B,):
+            raise ValueError(f"image_mask is {tuple(self.image_mask.shape)}, expected {(B,)}")
+
+    def item_mask(self, key: str) -> torch.Tensor:
+        """(B, N) bool "is real" mask of the N items of ``visual[key]``: the batch's
+        ``visual_masks[key]``, or all True for a dataset without one."""
+        mask = self.visual_masks.get(key)
+        if mask is None:
+            x = self.visual[key]
+            return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return mask.bool()
 
 
 @dataclass
@@ -96,6 +130,20 @@ class HeadOutput:
     prior_weight: float = 0.0
 
 
+#: Options shared by several heads, one name each (what the value means is the same in
+#: every head that has it).
+SHARED_OPTIONS = {
+    "heads": "attention heads of the head's transformer layers; null = the head's default "
+    "(mner.train.heads.layers.attention_heads)",
+    "hidden_dim": "width of the fused states when it may differ from the encoder's; null = the encoder's",
+    "ffn_dim": "inner size of the transformer feed-forward layers; null = 4 D (or the encoder's)",
+    "dropout": "dropout inside the head's layers",
+    "temperature": "tau of the head's contrastive losses",
+    "no_cl": "ablation: drop the head's image-text contrastive loss(es)",
+    "cl_weight": "weight of the image-text contrastive loss(es) in the total loss",
+}
+
+
 @dataclass(frozen=True)
 class NoConfig:
     """A head without hyperparameters."""
@@ -114,6 +162,10 @@ class FusionHead(nn.Module):
     #: UMT's code builds them), so its ``Config.ffn_dim=None`` means the encoder's
     #: intermediate size (the trainer fills it in; 3072 = 4 x 768 for BERT-base).
     ffn_follows_encoder: ClassVar[bool] = False
+    #: Parameter-name prefixes that moved (old -> new, relative to the head), so that the
+    #: checkpoints of run folders written before the move still load; the one place
+    #: where an old name is mapped (see :meth:`_rename_old_parameters`).
+    renamed_parameters: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, cfg, text_dim: int, feature_dims: Mapping[str, int]):
         """Args:
@@ -127,6 +179,17 @@ class FusionHead(nn.Module):
         self.text_dim = text_dim
         self.feature_dims = dict(feature_dims)
         self.out_dim = text_dim
+        if self.renamed_parameters:
+            self.register_load_state_dict_pre_hook(self._rename_old_parameters)
+
+    def _rename_old_parameters(self, module, state_dict, prefix, *args) -> None:
+        """Load-time hook: rename ``prefix + old...`` keys of ``state_dict`` in place."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for old, new in self.renamed_parameters.items():
+                if rest.startswith(old):
+                    state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                    break
 
     @classmethod
     def required_features(cls, cfg) -> tuple[str, ...]:

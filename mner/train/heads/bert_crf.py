@@ -3,7 +3,8 @@
 The encoder's sub-token states go unchanged to the emission layer and CRF, which the
 trainer owns (see ``base.py``); the head adds no parameters, no auxiliary loss and reads
 no cached visual feature. This is the "BERT-CRF" row of every paper's results table
-(e.g. ../shared/papers/000_72bfaac9fd095f9c.txt, Table 1).
+(e.g. Table 1 of the MGC paper); BERT: Devlin, Chang, Lee and Toutanova, NAACL 2019,
+doi:10.18653/v1/N19-1423 (docs/papers.md).
 """
 
 from __future__ import annotations

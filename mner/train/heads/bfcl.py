@@ -1,18 +1,22 @@
 """BFCL: MNER with Bottleneck Fusion and Contrastive Learning (Wang et al., IEICE 2023).
 
-Paper: ../shared/papers/001_9aa0ae0d2350b47d.txt. Tags are BIO2 as in the paper.
+Paper: Peng Wang, Xiaohang Chen, Ziyu Shang and Wenjun Ke, "Multimodal Named Entity
+Recognition with Bottleneck Fusion and Contrastive Learning", IEICE Transactions on
+Information and Systems E106.D(4), pp. 545-555, 2023, doi:10.1587/transinf.2022EDP7116
+(docs/papers.md). Tags are BIO2 as in the paper.
 
 Inputs: ``hidden`` = the BERT token states C (B, T, Dt); ``resnet/grid`` = the 7x7
 ResNet regions U (B, R=49, Dv). D is the shared multimodal size d (768 in the paper;
-``hidden`` = None takes Dt, 128 for ``tiny``).
+``hidden_dim`` = None takes Dt, 128 for ``tiny``).
 
 Equation map (paper -> code):
 
 * (1) T = ReLU(W_t C + b_t)                                  -> ``self.text_proj``, ``t`` (B, T, D)
 * (2) V = ReLU(W_v U + b_v)                                  -> ``self.visual_proj``, ``v``
 * 3.4 MCA (multimodal co-attention), switch ``no_mca``; each arrow is one
-  cross-modal transformer (CMT) layer, :class:`CrossModalTransformer`:
-  (3)-(5) multi-head scaled dot-product attention          -> ``CrossModalTransformer.attn``
+  cross-modal transformer (CMT) layer, the shared :class:`~mner.train.heads.layers.CrossModalLayer`
+  (FFN of 4 D with dropout inside, as ``nn.TransformerEncoderLayer``'s):
+  (3)-(5) multi-head scaled dot-product attention          -> ``CrossModalLayer.attn``
   (6) T~_v = LN(V + MH-SA(V, T, T)),
   (7) T_v = LN(T~_v + FFN(T~_v)): visual-guided text (B, R, D) -> ``self.mca_v2t``
   (8) T_v = CMT(T, T_v, T_v), back on the tokens (B, T, D)   -> ``self.mca_t2tv``, ``t_v``
@@ -58,7 +62,7 @@ Choices where the paper is silent or garbled, and why:
 * Bottleneck layers number at least 2, else no visual information reaches the text.
 * Without BF, eq. (9) feeds nothing, so ``no_bf`` does not build it either.
 * Missing images (``image_mask`` False): V is replaced by a learned "no image"
-  embedding (masking.replace_missing) and those rows are excluded from CL.
+  embedding (layers.replace_missing) and those rows are excluded from CL.
 * The attention head count defaults to D // 64 (the paper's 12 at D = 768); the FFN
   inner size is 4 D as in BERT.
 """
@@ -66,16 +70,21 @@ Choices where the paper is silent or garbled, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.errors import ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.heads.layers import (
+    CrossModalLayer,
+    attention_heads,
+    key_padding_mask,
+    masked_mean,
+    replace_missing,
+)
 from mner.train.losses import info_nce
-from mner.train.masking import key_padding_mask, masked_mean, replace_missing
 
 
 @dataclass(frozen=True)
@@ -83,8 +92,9 @@ class BfclConfig:
     """BFCL hyperparameters (paper section 4.1.3) and ablation switches (Tables 3 and 5).
 
     Attributes:
-        hidden: d, the shared multimodal size; None = the encoder size.
-        heads: attention heads of every transformer layer; None = hidden // 64.
+        hidden_dim: d, the shared multimodal size; None = the encoder size.
+        heads: attention heads of every transformer layer; None = hidden_dim // 64
+            (lowered to a divisor of hidden_dim).
         bottlenecks: m, the number of bottleneck tokens (best: 4, Fig. 6a).
         layers: L, fusion layers (best: 8 with mid fusion, Fig. 6b).
         fusion_stage: ``early`` (L bottleneck layers) or ``mid`` (L/2 self-attention
@@ -102,7 +112,10 @@ class BfclConfig:
         no_mca: ablation "- MCA": the fusion reads the projected text and regions.
     """
 
-    hidden: int | None = None
+    #: Old option names (saved configs, ``-o``) -> their names now.
+    renamed_options: ClassVar[dict[str, str]] = {"hidden": "hidden_dim"}
+
+    hidden_dim: int | None = None
     heads: int | None = None
     bottlenecks: int = 4
     layers: int = 8
@@ -127,7 +140,7 @@ class BfclConfig:
             raise ValueError(f"bottlenecks must be >= 1, got {self.bottlenecks}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("hidden", "heads"):
+        for name in ("hidden_dim", "heads"):
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {v}")
@@ -159,36 +172,9 @@ class BfclConfig:
         return self.layers - self.self_layers
 
 
-class CrossModalTransformer(nn.Module):
-    """One cross-modal transformer layer, CMT(Q, K, V) of eqs. (3)-(7).
-
-    ``LN(Q + MH-SA(Q, K, K))`` then ``LN(x + FFN(x))``: post-norm like BERT.
-    """
-
-    def __init__(self, d: int, heads: int, dropout: float):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(d)
-        self.ffn = nn.Sequential(
-            nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d)
-        )
-        self.norm2 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, key_ignore: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Args:
-            query: (B, Nq, D).
-            key: (B, Nk, D), also the values.
-            key_ignore: (B, Nk) bool, True for padded keys; None when all are real.
-
-        Returns:
-            (B, Nq, D).
-        """
-        a, _ = self.attn(query, key, key, key_padding_mask=key_ignore, need_weights=False)
-        x = self.norm1(query + self.dropout(a))  # eq. (6)
-        return self.norm2(x + self.dropout(self.ffn(x)))  # eq. (7)
+def _cmt(d: int, heads: int, dropout: float) -> CrossModalLayer:
+    """CMT(Q, K, V) of eqs. (3)-(7): ``LN(Q + MH-SA(Q, K, K))`` then ``LN(x + FFN(x))``."""
+    return CrossModalLayer(d, heads, 4 * d, dropout, ffn_dropout=True)
 
 
 def _encoder_layer(d: int, heads: int, dropout: float, pre_norm: bool) -> nn.Module:
@@ -203,7 +189,7 @@ def _encoder_layer(d: int, heads: int, dropout: float, pre_norm: bool) -> nn.Mod
 class BfclHead(FusionHead):
     """BFCL fusion head: co-attention, bottleneck fusion, decoupled contrastive losses.
 
-    ``out_dim`` is the shared size d (``hidden``, default the encoder size).
+    ``out_dim`` is the shared size d (``hidden_dim``, default the encoder size).
     """
 
     name = "bfcl"
@@ -214,25 +200,24 @@ class BfclHead(FusionHead):
 
     def __init__(self, cfg: BfclConfig, text_dim: int, feature_dims):
         super().__init__(cfg, text_dim, feature_dims)
-        d = cfg.hidden or text_dim
-        heads = cfg.heads or max(1, d // 64)
-        if d % heads:
-            raise ConfigError(
-                f"head.heads={heads} does not divide the fusion size {d}; "
-                f"set -o head.heads to a divisor of {d}"
-            )
+        d = cfg.hidden_dim or text_dim
+        heads = attention_heads(d, cfg.heads)
         self.out_dim = d
         self.uses_visual = not (cfg.no_mca and cfg.no_bf and cfg.no_cl)
 
         self.text_proj = nn.Linear(text_dim, d)  # eq. (1)
+        self.visual_proj = self.no_image = None
         if self.uses_visual:
             self.visual_proj = nn.Linear(self.feature_dims["resnet/grid"], d)  # eq. (2)
             self.no_image = nn.Parameter(torch.zeros(d))
+        self.mca_v2t = self.mca_t2tv = self.mca_t2v = None
         if not cfg.no_mca:
-            self.mca_v2t = CrossModalTransformer(d, heads, cfg.dropout)  # eqs. (6)-(7)
-            self.mca_t2tv = CrossModalTransformer(d, heads, cfg.dropout)  # eq. (8)
+            self.mca_v2t = _cmt(d, heads, cfg.dropout)  # eqs. (6)-(7)
+            self.mca_t2tv = _cmt(d, heads, cfg.dropout)  # eq. (8)
             if not cfg.no_bf:
-                self.mca_t2v = CrossModalTransformer(d, heads, cfg.dropout)  # eq. (9)
+                self.mca_t2v = _cmt(d, heads, cfg.dropout)  # eq. (9)
+        self.bottleneck = self.text_self = self.vision_self = self.bf_text = self.bf_vision = None
+        self.bf_norm = self.af_score = self.gf_gate = None
         if cfg.no_bf:
             pass
         elif cfg.fusion == "bottleneck":
@@ -278,7 +263,8 @@ class BfclHead(FusionHead):
             ``bfcl_visual_weight`` (B,) the mean weight of the visual side.
         """
         cfg = self.cfg
-        tok = batch.token_mask.bool()  # (B, T)
+        tok = batch.token_mask  # (B, T)
+        # nn.TransformerEncoderLayer's "True = padding" form of ``tok``.
         text_ignore = key_padding_mask(tok)  # (B, T)
         t = F.relu(self.text_proj(batch.hidden))  # eq. (1): (B, T, D)
         B = t.shape[0]
@@ -287,11 +273,7 @@ class BfclHead(FusionHead):
         if not self.uses_visual:
             return HeadOutput(hidden=t)
 
-        img = (
-            batch.image_mask.bool()
-            if batch.image_mask is not None
-            else torch.ones(B, dtype=torch.bool, device=t.device)
-        )
+        img = batch.image_mask  # (B,)
         v = F.relu(self.visual_proj(batch.visual["resnet/grid"].to(t.dtype)))  # eq. (2)
         v = replace_missing(v, img, self.no_image)  # (B, R, D)
 
@@ -310,7 +292,7 @@ class BfclHead(FusionHead):
         if cfg.no_mca:
             t_v, v_t, v_ignore = t, v, None  # the fusion reads eqs. (1)-(2) directly
         else:
-            t_v = self.mca_v2t(v, t, text_ignore)  # eqs. (6)-(7): (B, R, D)
+            t_v = self.mca_v2t(v, t, tok)  # eqs. (6)-(7): (B, R, D)
             t_v = self.mca_t2tv(t, t_v)  # eq. (8): (B, T, D)
             if cfg.no_bf:
                 return HeadOutput(hidden=t_v, aux_losses=aux, diagnostics=diagnostics)

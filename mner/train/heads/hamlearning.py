@@ -1,7 +1,9 @@
-"""HamLearning: hierarchical aligned multimodal learning (Liu et al., AAAI 2023).
+"""HamLearning: hierarchical aligned multimodal learning (Liu et al., AAAI 2024).
 
-Paper: ../shared/papers/004_b9c1c4cb1bc4ba04.txt ("Hierarchical Aligned Multimodal
-Learning for NER on Tweet Posts"). Read its Method section next to :meth:`HamLearning.forward`,
+Paper: Peipei Liu, Hong Li, Yimo Ren, Jie Liu, Shuaizong Si, Hongsong Zhu and Limin Sun,
+"Hierarchical Aligned Multimodal Learning for NER on Tweet Posts", AAAI 2024 (vol. 38,
+no. 17), doi:10.1609/aaai.v38i17.29831, arXiv:2305.08372 (docs/papers.md).
+Read its Method section next to :meth:`HamLearning.forward`,
 which follows it top to bottom. Equations -> code:
 
 * (1) h_i = BERT(x_i), then a textual Transformer -> h^T:
@@ -79,6 +81,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +89,13 @@ from torch import nn
 
 from mner.errors import ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.masking import key_padding_mask, masked_mean, replace_missing
+from mner.train.heads.layers import (
+    CrossModalLayer,
+    attention_heads,
+    key_padding_mask,
+    masked_mean,
+    replace_missing,
+)
 
 RESNET = "resnet/pooled"
 OBJ_FEATURES = "objects/features"
@@ -105,8 +114,9 @@ class HamLearningConfig:
     Attributes:
         hidden_dim: D, the size of the visual states and of the output H; None = the
             encoder's size (768 in the paper, where it equals BERT-base's).
-        num_heads: attention heads (12 in the paper). When D is not a multiple, the
-            largest divisor of D below it is used (e.g. 8 for the tiny profile's D=128).
+        heads: attention heads; None = the paper's 12, lowered to the largest divisor
+            of D (and of the encoder size for the textual Transformer) below it, e.g. 8
+            for the tiny profile's D=128. A number must divide both sizes.
         ffn_dim: feed-forward size inside every Transformer layer; None = 4 * D.
         text_layers: layers of the textual Transformer after BERT (not given; 1).
         semantic_layers: layers of the semantic visual Transformer ("ViT", eq. 4): 4.
@@ -126,8 +136,11 @@ class HamLearningConfig:
         no_rm: ablation "w/o RM": drop relevance measuring (eqs. 8-9).
     """
 
+    #: Old option names (saved configs, ``-o``) -> their names now.
+    renamed_options: ClassVar[dict[str, str]] = {"num_heads": "heads"}
+
     hidden_dim: int | None = None
-    num_heads: int = 12
+    heads: int | None = None
     ffn_dim: int | None = None
     text_layers: int = 1
     semantic_layers: int = 4
@@ -144,11 +157,11 @@ class HamLearningConfig:
     no_rm: bool = False
 
     def __post_init__(self):
-        for name in ("hidden_dim", "ffn_dim", "label_dim", "rgcn_bases"):
+        for name in ("hidden_dim", "heads", "ffn_dim", "label_dim", "rgcn_bases"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or null, got {value}")
-        for name in ("num_heads", "text_layers", "semantic_layers", "rgcn_layers", "rounds",
+        for name in ("text_layers", "semantic_layers", "rgcn_layers", "rounds",
                      "ffnn_layers", "num_object_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -163,9 +176,8 @@ class HamLearningConfig:
             )
 
 
-def _attention_heads(dim: int, wanted: int) -> int:
-    """The largest head count <= ``wanted`` that divides ``dim``."""
-    return max(h for h in range(1, min(wanted, dim) + 1) if dim % h == 0)
+#: The paper's attention heads (Implementation Details), what ``heads: null`` stands for.
+PAPER_HEADS = 12
 
 
 class GatedRGCNLayer(nn.Module):
@@ -178,6 +190,7 @@ class GatedRGCNLayer(nn.Module):
         num_bases: None for one (dim, dim) matrix per type; else basis decomposition.
         """
         super().__init__()
+        self.weight = self.bases = self.coeff = None
         if num_bases is None:
             self.weight = nn.Parameter(torch.empty(num_types, dim, dim))  # W_r, eq. 5
             nn.init.xavier_uniform_(self.weight.view(num_types * dim, dim))
@@ -198,7 +211,7 @@ class GatedRGCNLayer(nn.Module):
         Returns:
             (B, N, D) v^{2,k+1}.
         """
-        weight = self.weight if hasattr(self, "weight") else torch.einsum("kc,cde->kde", self.coeff, self.bases)
+        weight = self.weight if self.weight is not None else torch.einsum("kc,cde->kde", self.coeff, self.bases)
         neighbours = adj @ x.unsqueeze(1)  # (B, K, N, D): per type, normalised sum over j
         message = F.relu(torch.einsum("bknd,kde->bne", neighbours, weight) + self.bias)  # eq. 5
         lam = torch.sigmoid(self.gate(torch.cat([message, x], dim=-1)))  # eq. 6
@@ -227,30 +240,6 @@ class RelevanceMeasure(nn.Module):
         return torch.tanh(self.w_t(h_cls) + self.w_i(v_img) * c).squeeze(-1)  # eq. 9
 
 
-class CrossModalLayer(nn.Module):
-    """A cross-modal Transformer layer: queries attend to the other modality, then FFN."""
-
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
-        self.norm2 = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, query: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        """Args:
-        query: (B, Tq, D); memory: (B, Tk, D); memory_mask: (B, Tk) bool, True = real.
-
-        Returns:
-            (B, Tq, D).
-        """
-        attended, _ = self.attn(query, memory, memory, key_padding_mask=key_padding_mask(memory_mask),
-                                need_weights=False)
-        x = self.norm1(query + self.drop(attended))
-        return self.norm2(x + self.drop(self.ffn(x)))
-
-
 class InteractionRound(nn.Module):
     """One of the L synchronous rounds of inter-modality learning (eqs. 13-15)."""
 
@@ -262,15 +251,18 @@ class InteractionRound(nn.Module):
             visual outputs could not reach H).
         """
         super().__init__()
+        self.gate_semantic = self.gate_spatial = self.gate_out = None
+        self.semantic = self.spatial = None
         if semantic and spatial:  # eq. 13; with one level there is nothing to mix
             self.gate_semantic = nn.Linear(dim, dim, bias=False)  # W^V1
             self.gate_spatial = nn.Linear(dim, dim)  # W^V2
             self.gate_out = nn.Linear(dim, dim)  # W^V
-        self.text = CrossModalLayer(dim, heads, ffn_dim, dropout)  # theta^FT, eq. 15
+        # The shared layer with nn.TransformerEncoderLayer's FFN (dropout inside).
+        self.text = CrossModalLayer(dim, heads, ffn_dim, dropout, ffn_dropout=True)  # theta^FT, eq. 15
         if update_visual and semantic:
-            self.semantic = CrossModalLayer(dim, heads, ffn_dim, dropout)
+            self.semantic = CrossModalLayer(dim, heads, ffn_dim, dropout, ffn_dropout=True)
         if update_visual and spatial:
-            self.spatial = CrossModalLayer(dim, heads, ffn_dim, dropout)
+            self.spatial = CrossModalLayer(dim, heads, ffn_dim, dropout, ffn_dropout=True)
 
     def forward(self, H, V1, V2, token_mask, node_mask):
         """Args:
@@ -288,9 +280,9 @@ class InteractionRound(nn.Module):
             V = V1 if V1 is not None else V2
         H_new = self.text(H, V, node_mask)  # eq. 15: Q = H, K = V = V
         # The visual parts read the H of the previous round: the rounds are synchronous.
-        if V1 is not None and hasattr(self, "semantic"):
+        if V1 is not None and self.semantic is not None:
             V1 = self.semantic(V1, H, token_mask)  # Q = V^1, K = V = H
-        if V2 is not None and hasattr(self, "spatial"):
+        if V2 is not None and self.spatial is not None:
             V2 = self.spatial(V2, H, token_mask)  # Q = V^2, K = V = H
         return H_new, V1, V2, alpha
 
@@ -301,7 +293,7 @@ class HamLearning(FusionHead):
     relevance-scaled global/local fusion, and L rounds of cross-modal Transformers."""
 
     name = "hamlearning"
-    summary = ("HamLearning (Liu et al. 2023): ViT + gated R-GCN over objects, "
+    summary = ("HamLearning (Liu et al. 2024): ViT + gated R-GCN over objects, "
                "sentence-image relevance, iterative cross-modal Transformer")
     needs = (RESNET, OBJ_FEATURES, OBJ_BOXES, OBJ_LABELS, RELATIONS)
     Config = HamLearningConfig
@@ -320,8 +312,8 @@ class HamLearning(FusionHead):
                 raise ConfigError(f"hamlearning needs the size of cached {name!r}; feature_dims has "
                                   f"{sorted(self.feature_dims)}")
         D = cfg.hidden_dim or text_dim
-        heads = _attention_heads(D, cfg.num_heads)
-        text_heads = _attention_heads(text_dim, cfg.num_heads)
+        heads = attention_heads(D, cfg.heads, default=PAPER_HEADS)
+        text_heads = attention_heads(text_dim, cfg.heads, default=PAPER_HEADS)
         ffn = cfg.ffn_dim or 4 * D
         self.out_dim = D
         self.semantic_on = not cfg.no_vit
@@ -341,6 +333,8 @@ class HamLearning(FusionHead):
         self.label_proj = nn.Linear(cfg.label_dim or D, D, bias=False)  # W_e
         self.drop = nn.Dropout(cfg.dropout)
 
+        self.semantic_encoder = self.relevance_semantic = self.fuse_semantic = None
+        self.rgcn = self.relevance_spatial = self.fuse_spatial = None
         if self.semantic_on:
             # (4) semantic encoding over [IMG] + objects.
             self.semantic_encoder = nn.TransformerEncoder(
@@ -366,6 +360,7 @@ class HamLearning(FusionHead):
             if k < cfg.ffnn_layers - 1:
                 layers += [nn.ReLU(), nn.Dropout(cfg.dropout)]
         self.ffnn = nn.Sequential(*layers)
+        self.ffnn_skip = None
         if D != text_dim:
             self.ffnn_skip = nn.Linear(text_dim, D, bias=False)
         self.ffnn_norm = nn.LayerNorm(D)
@@ -428,15 +423,11 @@ class HamLearning(FusionHead):
             when both levels exist).
         """
         cfg = self.cfg
-        hidden, token_mask = batch.hidden, batch.token_mask.bool()
+        hidden, token_mask = batch.hidden, batch.token_mask
         B, dtype, device = hidden.shape[0], hidden.dtype, hidden.device
-        image_ok = (batch.image_mask.bool() if batch.image_mask is not None
-                    else torch.ones(B, dtype=torch.bool, device=device))
+        image_ok = batch.image_mask  # (B,)
         feats = batch.visual[OBJ_FEATURES].to(dtype)  # (B, O, Do)
-        n_obj = feats.shape[1]  # O
-        obj_mask = batch.visual_masks.get(OBJ_FEATURES)
-        obj_mask = torch.ones(B, n_obj, dtype=torch.bool, device=device) if obj_mask is None else obj_mask.bool()
-        obj_mask = obj_mask & image_ok.unsqueeze(1)  # objects of missing images are not used
+        obj_mask = batch.item_mask(OBJ_FEATURES) & image_ok.unsqueeze(1)  # (B, O); none of a missing image
         node_mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=device), obj_mask], dim=1)  # (B, N)
 
         # (1) textual Transformer over BERT states; [CLS] is the sentence feature.
@@ -458,7 +449,7 @@ class HamLearning(FusionHead):
         if self.semantic_on:
             # (4) semantic encoding.
             v1_nodes = self.semantic_encoder(V0, src_key_padding_mask=key_padding_mask(node_mask))  # (B, N, D)
-            V1 = self._integrate(v1_nodes, h_cls, getattr(self, "relevance_semantic", None),
+            V1 = self._integrate(v1_nodes, h_cls, self.relevance_semantic,
                                  self.fuse_semantic, "semantic", diagnostics, relevances)
         if self.spatial_on:
             # (5)-(7) spatial encoding over [x_c, y_c, h, w, v] nodes of the relation graph.
@@ -476,13 +467,13 @@ class HamLearning(FusionHead):
             v2_nodes = torch.cat([geometry, V0], dim=-1)  # (B, N, D + 4): \hat v^2
             for layer in self.rgcn:
                 v2_nodes = layer(v2_nodes, adj)
-            V2 = self._integrate(v2_nodes, h_cls, getattr(self, "relevance_spatial", None),
+            V2 = self._integrate(v2_nodes, h_cls, self.relevance_spatial,
                                  self.fuse_spatial, "spatial", diagnostics, relevances)
         if relevances:
             diagnostics["hamlearning_relevance"] = torch.stack(relevances).mean(0).detach()
 
         # (12) text into the visual space, then (13)-(15) L rounds.
-        skip = self.ffnn_skip(h_t) if hasattr(self, "ffnn_skip") else h_t
+        skip = self.ffnn_skip(h_t) if self.ffnn_skip is not None else h_t
         H = self.ffnn_norm(skip + self.drop(self.ffnn(h_t)))  # (B, T, D)
         alpha = None
         for round_ in self.rounds:

@@ -1,7 +1,9 @@
 """MAF: a general Matching and Alignment Framework for MNER (Xu et al., WSDM 2022).
 
-Paper: ../shared/papers/002_c5cc8215d4c97a04.txt (reference code: github.com/xubodhu/MAF,
-``mybert/gate_cl_modeling.py``). Tags are BIOES as in the paper (section 2.1).
+Paper: Bo Xu, Shizhou Huang, Chaofeng Sha and Hongya Wang, "MAF: A General Matching
+and Alignment Framework for Multimodal Named Entity Recognition", WSDM 2022,
+doi:10.1145/3488560.3498475 (docs/papers.md); reference code: github.com/xubodhu/MAF,
+``mybert/gate_cl_modeling.py``. Tags are BIOES as in the paper (section 2.1).
 
 Inputs (section 3.1): ``hidden`` = the BERT token states T (B, T, Dt), position 0 is
 [CLS]; ``resnet/grid`` = the 7x7 ResNet regions J (B, R=49, Dv); ``resnet/pooled`` =
@@ -16,9 +18,10 @@ Equation map (paper -> code):
   (1) L^(V_c->T_c), (2) L^(T_c->V_c): InfoNCE with cosine similarity and temperature
   tau; (3) L_ca = lambda_c L^(V->T) + (1 - lambda_c) L^(T->V)   -> ``l_ca`` (losses.info_nce)
 * 3.3 CI (cross-modal interaction), tokens attend to the 49 regions:
-  (4)-(6) m-head attention, queries T, keys/values V        -> ``self.ci_attn``, ``cv``
-  (7) V' = LN(T + CV)                                        -> ``self.ci_norm1``
-  (8) C = LN(V' + FFN(V'))                   -> ``self.ci_ffn``, ``self.ci_norm2``, ``c``
+  one layer of the shared :class:`~mner.train.heads.layers.CrossModalLayer`, ``self.ci``:
+  (4)-(6) m-head attention, queries T, keys/values V        -> ``self.ci.attn``
+  (7) V' = LN(T + CV)                                        -> ``self.ci.norm1``
+  (8) C = LN(V' + FFN(V'))                    -> ``self.ci.ffn``, ``self.ci.norm2``, ``c``
 * 3.4 CM (cross-modal matching), switch ``no_cm``:
   swap the images (C rows) of 2k pairs in training  -> ``_swap``, ``c_swap``, ``y_m``
   (9) F_i = Flatten([T; C]) over the fixed length n+2 = ``max_len``
@@ -68,8 +71,8 @@ from torch import nn
 
 from mner.errors import ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.heads.layers import CrossModalLayer, attention_heads, masked_mean
 from mner.train.losses import info_nce
-from mner.train.masking import masked_mean
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ class MafConfig:
         lambda_c: weight of the image-to-text direction in L_ca (eq. 3).
         alpha: weight of L_ca in eq. (18).
         beta: weight of L_cm in eq. (18).
-        heads: m, attention heads of CI (eqs. 4-6); None = D // 64 (12 at D = 768).
+        heads: m, attention heads of CI (eqs. 4-6); None = D // 64 (12 at D = 768),
+            lowered to a divisor of D.
         ca_hidden: hidden size of the CA projection MLPs; None = D (768 in the paper).
         ffn_dim: inner size of the CI feed-forward network (eq. 8); None = 4 D.
         swap_fraction: 2k / N, the fraction of image rows whose images are swapped for
@@ -142,34 +146,26 @@ class MafHead(FusionHead):
     needs = ("resnet/grid", "resnet/pooled")
     default_scheme = "bioes"
     Config = MafConfig
+    # CI's layers were the head's own attributes before it used the shared layer.
+    renamed_parameters = {"ci_attn.": "ci.attn.", "ci_norm1.": "ci.norm1.", "ci_ffn.": "ci.ffn.",
+                          "ci_norm2.": "ci.norm2."}
 
     def __init__(self, cfg: MafConfig, text_dim: int, feature_dims):
         super().__init__(cfg, text_dim, feature_dims)
         d = text_dim
-        heads = cfg.heads or max(1, d // 64)
-        if d % heads:
-            raise ConfigError(
-                f"head.heads={heads} does not divide the encoder size {d}; "
-                f"set -o head.heads to a divisor of {d}"
-            )
+        heads = attention_heads(d, cfg.heads)
         dv = self.feature_dims["resnet/grid"]
         self.out_dim = 2 * d
 
         # 3.1.2: V = W_j^T J.
         self.region_proj = nn.Linear(dv, d)
-        # 3.3, eqs. (4)-(8).
-        self.ci_attn = nn.MultiheadAttention(d, heads, dropout=cfg.dropout, batch_first=True)
-        self.ci_norm1 = nn.LayerNorm(d)
-        ffn = cfg.ffn_dim or 4 * d
-        self.ci_ffn = nn.Sequential(
-            nn.Linear(d, ffn), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(ffn, d)
-        )
-        self.ci_norm2 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
+        # 3.3, eqs. (4)-(8): the shared layer, with dropout inside the FFN.
+        self.ci = CrossModalLayer(d, heads, cfg.ffn_dim or 4 * d, cfg.dropout, ffn_dropout=True)
         # 3.5, eq. (13).
         self.gate_text = nn.Linear(d, d)
         self.gate_visual = nn.Linear(d, d, bias=False)
 
+        self.pooler = self.ca_text = self.ca_image = self.match = None
         if not cfg.no_ca:
             hid = cfg.ca_hidden or d
             dg = self.feature_dims["resnet/pooled"]
@@ -205,12 +201,8 @@ class MafHead(FusionHead):
         cfg = self.cfg
         t = batch.hidden  # (B, T, D)
         B, T, _ = t.shape
-        tok = batch.token_mask.bool()  # (B, T)
-        img = (
-            batch.image_mask.bool()
-            if batch.image_mask is not None
-            else torch.ones(B, dtype=torch.bool, device=t.device)
-        )
+        tok = batch.token_mask  # (B, T)
+        img = batch.image_mask  # (B,)
         aux: dict[str, torch.Tensor] = {}
         scale = 1.0 / (1.0 - cfg.alpha - cfg.beta)  # eq. (18) divided by (1 - alpha - beta)
 
@@ -226,9 +218,7 @@ class MafHead(FusionHead):
 
         # ---- 3.3 cross-modal interaction (CI), eqs. (4)-(8).
         v = self.region_proj(batch.visual["resnet/grid"].to(t.dtype))  # (B, R, D)
-        cv, _ = self.ci_attn(t, v, v, need_weights=False)  # eqs. (4)-(6): (B, T, D)
-        v_prime = self.ci_norm1(t + self.dropout(cv))  # eq. (7)
-        c = self.ci_norm2(v_prime + self.dropout(self.ci_ffn(v_prime)))  # eq. (8): (B, T, D)
+        c = self.ci(t, v)  # eqs. (4)-(8): C = LN(V' + FFN(V')), V' = LN(T + CV): (B, T, D)
 
         # ---- 3.4 cross-modal matching (CM), eqs. (9)-(12).
         if cfg.no_cm:

@@ -1,7 +1,8 @@
 """MGC: Multi-Granularity Contrastive knowledge distillation.
 
-Paper: ../shared/papers/000_72bfaac9fd095f9c.txt ("Multi-Granularity Contrastive
-Knowledge Distillation for Multimodal Named Entity Recognition"), section 2.
+Paper: Anonymous, "Multi-Granularity Contrastive Knowledge Distillation for Multimodal
+Named Entity Recognition", anonymous ACL submission (ACL Rolling Review, c. 2022; no
+author list, arXiv id or DOI in the submitted text), section 2 (docs/papers.md).
 
 Map from the paper's equations to this module (shapes: B batch, T sub-tokens,
 E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):
@@ -9,7 +10,7 @@ E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):
 * eq. 1, ``H = BERT(X)``: ``batch.hidden`` (B, T, D); ``h^g`` is its [CLS] row 0.
 * eqs. 2-3, the mapping ``E(.)`` into the joint space: ``self.joint`` = Linear(D -> Dc);
   ``u_gl_s = E(h^g)`` (B, Dc) and ``u_e_s = E(psi(span))`` (B, E, Dc) with ``psi`` the
-  mean over each entity's sub-tokens (``masking.span_mean``).
+  mean over each entity's sub-tokens (``layers.span_mean``).
 * eq. 4, ``g = ViT(V)``: the cached CLIP image embedding ``clip/image_embed`` (B, Dc).
 * eqs. 5-6, the CLIP text teacher: ``batch.text_teacher["sentence"]`` (B, Dc) and
   ``["entities"]`` (B, E, Dc), cached by ``mner extract``.
@@ -24,11 +25,11 @@ E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):
   similar to it (argmax of the cosine over real entities), then the same InfoNCE ->
   ``aux_losses["contrastive_entity"]``.
 * eqs. 13-18, the output module: UMT's multimodal interaction
-  (:class:`mner.train.heads.umt.MultimodalInteraction`) with ``g`` projected to D as a
+  (:class:`mner.train.heads.layers.MultimodalInteraction`) with ``g`` projected to D as a
   single visual item (R=1), the visual gate ``c`` and ``S = [A; B]`` (B, T, 2D).
 * eq. 20, ``L = L_mner + lambda (L_G^C + L_E^C) + beta (L_G^KD + L_E^KD)``: the trainer
   adds the CRF loss (eq. 19) to the aux losses, which are already multiplied by
-  ``contrastive_weight`` (lambda) and ``kd_weight`` (beta).
+  ``cl_weight`` (lambda) and ``kd_weight`` (beta).
 
 The paper does not report lambda and beta; both default to 1.0. tau = 0.05, d2 = 512
 (CLIP ViT-B) and 12 attention heads are its section 3.1 values; d2 follows the cached
@@ -39,7 +40,7 @@ and replaced by a learned no-image embedding in the output module. At prediction
 the teacher embeddings and entity spans are absent: KD and contrastive losses are
 skipped and only the output module runs.
 
-Ablation switches (Table 2): ``no_kd`` (-KD: no ``kd_*`` losses), ``no_contrastive``
+Ablation switches (Table 2): ``no_kd`` (-KD: no ``kd_*`` losses), ``no_cl``
 (-Contra.: no ``contrastive_*`` losses), ``no_visual`` (-Visual.: no image input at
 all, so no output module and no contrastive losses; the head returns ``H`` and
 reads no cached feature). ``E(.)`` exists only while a loss uses it.
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +61,8 @@ from torch import nn
 
 from mner.errors import CacheError, ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.heads.umt import MultimodalInteraction, mean_gate, resolve_heads
+from mner.train.heads.layers import MultimodalInteraction, attention_heads, mean_gate, span_mean
 from mner.train.losses import info_nce
-from mner.train.masking import span_mean
 
 IMAGE = "clip/image_embed"
 TEACHER = "clip_text/sentence"
@@ -75,7 +76,7 @@ class MGCConfig:
         joint_dim: d2, the joint space size; None = the cached CLIP embedding dim
             (512 for ViT-B/32). Must equal the teacher's dim.
         temperature: tau of the contrastive losses (0.05).
-        contrastive_weight: lambda in eq. 20 (not reported; 1.0).
+        cl_weight: lambda in eq. 20 (not reported; 1.0).
         kd_weight: beta in eq. 20 (not reported; 1.0).
         heads: attention heads of the output module; None keeps head size 64
             (12 at D=768, the paper's value).
@@ -83,26 +84,29 @@ class MGCConfig:
             when the head is built without an encoder).
         dropout: dropout in the output module's transformer layers.
         no_kd: ablation -KD: no knowledge distillation from the CLIP text teacher.
-        no_contrastive: ablation -Contra.: no global/local contrastive losses.
+        no_cl: ablation -Contra.: no global/local contrastive losses.
         no_visual: ablation -Visual.: no vision-related module at all.
     """
 
+    #: Old option names (saved configs, ``-o``) -> their names now (BFCL's and MGIPS-CL's).
+    renamed_options: ClassVar[dict[str, str]] = {"no_contrastive": "no_cl", "contrastive_weight": "cl_weight"}
+
     joint_dim: int | None = None
     temperature: float = 0.05
-    contrastive_weight: float = 1.0
+    cl_weight: float = 1.0
     kd_weight: float = 1.0
     heads: int | None = None
     ffn_dim: int | None = None
     dropout: float = 0.1
     no_kd: bool = False
-    no_contrastive: bool = False
+    no_cl: bool = False
     no_visual: bool = False
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.contrastive_weight < 0 or self.kd_weight < 0:
-            raise ValueError("contrastive_weight and kd_weight must not be negative")
+        if self.cl_weight < 0 or self.kd_weight < 0:
+            raise ValueError("cl_weight and kd_weight must not be negative")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.joint_dim is not None and self.joint_dim < 1:
@@ -110,7 +114,7 @@ class MGCConfig:
 
     @property
     def uses_contrastive(self) -> bool:
-        return not (self.no_contrastive or self.no_visual)
+        return not (self.no_cl or self.no_visual)
 
 
 @register
@@ -154,7 +158,7 @@ class MGCHead(FusionHead):
         self.interaction = None
         if not cfg.no_visual:
             self.interaction = MultimodalInteraction(
-                D, self.feature_dims[IMAGE], resolve_heads(cfg.heads, D), cfg.ffn_dim or 4 * D, cfg.dropout
+                D, self.feature_dims[IMAGE], attention_heads(D, cfg.heads), cfg.ffn_dim or 4 * D, cfg.dropout
             )
             self.out_dim = self.interaction.out_dim
 
@@ -172,13 +176,10 @@ class MGCHead(FusionHead):
         """
         cfg = self.cfg
         H = batch.hidden
-        mask = batch.token_mask.bool()
+        mask = batch.token_mask
         B = H.shape[0]
         out = HeadOutput(hidden=H)
         image_mask = batch.image_mask
-        if image_mask is None:
-            image_mask = torch.ones(B, dtype=torch.bool, device=H.device)
-        image_mask = image_mask.bool()
         g = batch.visual[IMAGE].to(H.dtype) if self.interaction is not None else None  # (B, Dc)
 
         # Output module, eqs. 13-18: the image embedding is one visual item (R=1).
@@ -228,7 +229,7 @@ class MGCHead(FusionHead):
         if cfg.uses_contrastive:
             tau = cfg.temperature
             # eqs. 9-10: each image must pick its own sentence among the batch's.
-            out.aux_losses["contrastive_global"] = cfg.contrastive_weight * info_nce(
+            out.aux_losses["contrastive_global"] = cfg.cl_weight * info_nce(
                 g.float(), u_gl.float(), tau, direction="a2b", valid=image_mask
             )
             if has_entities:
@@ -240,7 +241,7 @@ class MGCHead(FusionHead):
                 best = sim.masked_fill(~e_mask, float("-inf")).argmax(-1)  # (B,)
                 u_best = u_e[torch.arange(B, device=H.device), best]  # (B, Dc)
                 # eq. 12 and the loss of eq. 10 over image-entity pairs.
-                out.aux_losses["contrastive_entity"] = cfg.contrastive_weight * info_nce(
+                out.aux_losses["contrastive_entity"] = cfg.cl_weight * info_nce(
                     g.float(), u_best.float(), tau, direction="a2b", valid=image_mask & e_mask.any(-1)
                 )
         return out

@@ -1,6 +1,9 @@
 """MGIPS-CL: Multi-Granularity Interweave and Implicit Positive Sample Contrastive Learning.
 
-Paper: ../shared/papers/003_33abc747ca47338e.txt (section 3, ablation table 3).
+Paper: "MGIPS-CL: Multimodal NER with Multi-Granularity Interweave and Implicit Positive
+Sample Contrastive Learning", a journal article (c. 2025) whose copy the implementation
+follows names no authors, venue, arXiv id or DOI (docs/papers.md); section 3 and
+ablation table 3.
 
 Visual input. The paper feeds CLIP three visual-grounding crops of 128 x 128 pixels,
 each cut into 4 x 4 patches of 32 pixels, plus one learnable class embedding (section
@@ -76,15 +79,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mner.errors import CacheError, ConfigError
+from mner.errors import CacheError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.heads.layers import attention_heads, key_padding_mask, masked_mean
 from mner.train.losses import info_nce
-from mner.train.masking import key_padding_mask, masked_mean
 
 CROPS = "crops/patch_tokens"
 
@@ -96,7 +100,7 @@ class MgipsClConfig:
     Attributes:
         ma_layers: mutual-attention layers (eqs. 2-4) over the encoder output and the
             cached CLIP tokens (the paper fine-tunes 12 BERT/CLIP layers instead).
-        ma_heads: attention heads; None = text_dim // 64 (12 at 768, as in the paper),
+        heads: attention heads; None = text_dim // 64 (12 at 768, as in the paper),
             lowered to a divisor of text_dim.
         interweave_layers: stacked Interweave Encoders (eqs. 10-11); 1 is the paper's best.
         mgi_dim: d, the width of M_im (eq. 5); None = text_dim.
@@ -117,8 +121,11 @@ class MgipsClConfig:
         no_column: ablation "w/o Column-grained": no M_4 / V_F in eqs. 6-8.
     """
 
+    #: Old option names (saved configs, ``-o``) -> their names now.
+    renamed_options: ClassVar[dict[str, str]] = {"ma_heads": "heads"}
+
     ma_layers: int = 1
-    ma_heads: int | None = None
+    heads: int | None = None
     interweave_layers: int = 1
     mgi_dim: int | None = None
     proj_dim: int | None = None
@@ -139,7 +146,7 @@ class MgipsClConfig:
         for name in ("ma_layers", "interweave_layers", "num_crops", "crop_tokens", "ips_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("ma_heads", "mgi_dim", "proj_dim"):
+        for name in ("heads", "mgi_dim", "proj_dim"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be positive or null, got {value}")
@@ -178,6 +185,8 @@ def _attend(
     return out.transpose(1, 2).reshape(B, Tq, D)
 
 
+# Not the shared CrossModalLayer: eqs. 2-4 need the image stream's own K^v, V^v (and the
+# text layer attends over [image; text] keys), so Q, K, V are separate projections.
 class _Block(nn.Module):
     """Output projection, residual + LayerNorm, feed-forward (a BERT layer's tail)."""
 
@@ -194,14 +203,18 @@ class _Block(nn.Module):
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
-class _ImageLayer(nn.Module):
-    """Eq. 4 (image side): H^v_{l+1} = Attn(Q^v, K^v, V^v), plain self-attention."""
+class _MutualLayer(nn.Module):
+    """Q, K, V projections and a BERT layer's tail: what both streams' layers have."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.p = heads, dropout
         self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
         self.block = _Block(dim, dropout)
+
+
+class _ImageLayer(_MutualLayer):
+    """Eq. 4 (image side): H^v_{l+1} = Attn(Q^v, K^v, V^v), plain self-attention."""
 
     def forward(self, hv: torch.Tensor, vmask: torch.Tensor):
         """Args: hv (B, M, D); vmask (B, M). Returns H^v_{l+1} (B, M, D) and K^v, V^v."""
@@ -210,14 +223,8 @@ class _ImageLayer(nn.Module):
         return self.block(hv, att), k, v
 
 
-class _TextLayer(nn.Module):
+class _TextLayer(_MutualLayer):
     """Eqs. 2-4 (text side): text queries over [image keys/values, text keys/values]."""
-
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads, self.p = heads, dropout
-        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
-        self.block = _Block(dim, dropout)
 
     def forward(self, ht, tmask, kv, vv, vmask) -> torch.Tensor:
         """Args: ht (B, T, D); tmask (B, T); kv, vv (B, M, D) image K^v, V^v; vmask (B, M)."""
@@ -239,6 +246,7 @@ class Excavator(nn.Module):
         super().__init__()
         self.lin1, self.f1 = nn.Linear(dim, mgi_dim), nn.LayerNorm(mgi_dim)  # subject side
         self.lin2, self.f2 = nn.Linear(dim, mgi_dim), nn.LayerNorm(mgi_dim)  # guide side
+        self.m3 = self.m4 = None
         if row:
             self.m3 = nn.Parameter(torch.ones(mgi_dim))  # M_3
         if column:
@@ -252,11 +260,11 @@ class Excavator(nn.Module):
         s = self.f1(self.lin1(subject))  # (B, T, d)
         m_im = s * self.f2(self.lin2(guide))  # eq. 5, (B, T, d)
         fused = torch.zeros_like(s)
-        if hasattr(self, "m3"):  # eq. 6 row-grained: over tokens, padding excluded
+        if self.m3 is not None:  # eq. 6 row-grained: over tokens, padding excluded
             scores = (m_im * self.m3).masked_fill(~tmask.unsqueeze(-1), float("-inf"))
             n_real = tmask.sum(1).clamp(min=1).to(s.dtype).view(-1, 1, 1)
             fused = fused + scores.softmax(dim=-2) * n_real * s  # eq. 7 V_C
-        if hasattr(self, "m4"):  # eq. 6 column-grained: over the d features
+        if self.m4 is not None:  # eq. 6 column-grained: over the d features
             fused = fused + (m_im * self.m4).softmax(dim=-1) * s.shape[-1] * s  # eq. 7 V_F
         return self.f3(fused)  # eq. 8
 
@@ -275,16 +283,7 @@ class MgipsClHead(FusionHead):
     def __init__(self, cfg: MgipsClConfig, text_dim: int, feature_dims: Mapping[str, int]):
         super().__init__(cfg, text_dim, feature_dims)
         D = text_dim
-        heads = cfg.ma_heads
-        if heads is None:  # 64-wide heads like BERT's, or the nearest count dividing D
-            heads = max(1, D // 64)
-            while D % heads:
-                heads -= 1
-        if D % heads:
-            raise ConfigError(
-                f"head.ma_heads={heads} does not divide the encoder width {D}; "
-                f"set -o head.ma_heads to a divisor of {D} (or null)"
-            )
+        heads = attention_heads(D, cfg.heads)
         self.heads = heads
         # Sec. 3.1.2: visual embedding of the O x R cached crop tokens + class embedding.
         self.visual_embed = nn.Sequential(nn.Linear(self.feature_dims[CROPS], D), nn.LayerNorm(D))
@@ -298,6 +297,8 @@ class MgipsClHead(FusionHead):
         self.image_layers = nn.ModuleList(
             _ImageLayer(D, heads, cfg.dropout) for _ in range(cfg.ma_layers)
         )
+        self.align = self.mge_image = self.mge_text = self.gate_post = self.gate_pre = None
+        self.f_image = self.g_text = None
         if not cfg.no_mgi:  # eqs. 5-13
             d = cfg.mgi_dim or D
             self.align = nn.MultiheadAttention(D, heads, batch_first=True)
@@ -326,7 +327,7 @@ class MgipsClHead(FusionHead):
             CacheError: the cached crops do not have ``num_crops`` x ``crop_tokens``.
         """
         cfg = self.cfg
-        hidden, tmask = batch.hidden, batch.token_mask.bool()
+        hidden, tmask = batch.hidden, batch.token_mask
         crops = batch.visual[CROPS]  # (B, O, R, Wc)
         B = hidden.shape[0]
         n_crops, n_tokens = cfg.num_crops, cfg.crop_tokens  # O, R
@@ -336,18 +337,8 @@ class MgipsClHead(FusionHead):
                 f"image but the mgips_cl head is set for {n_crops} of {n_tokens}; set "
                 f"-o head.num_crops={crops.shape[1]} -o head.crop_tokens={crops.shape[2]}"
             )
-        image_ok = (
-            batch.image_mask.bool()
-            if batch.image_mask is not None
-            else torch.ones(B, dtype=torch.bool, device=hidden.device)
-        )
-        crop_ok = batch.visual_masks.get(CROPS)  # (B, O); absent = every crop is real
-        crop_ok = (
-            torch.ones(B, n_crops, dtype=torch.bool, device=hidden.device)
-            if crop_ok is None
-            else crop_ok.bool()
-        )
-        crop_ok = crop_ok & image_ok.unsqueeze(1)
+        image_ok = batch.image_mask  # (B,)
+        crop_ok = batch.item_mask(CROPS) & image_ok.unsqueeze(1)  # (B, O)
 
         # Sec. 3.1.2: V^e = [v_0, crop tokens] + position; v_0 = no_image without an image.
         tokens = self.visual_embed(crops.to(hidden.dtype)).flatten(1, 2)  # (B, O*R, D)
@@ -387,7 +378,7 @@ class MgipsClHead(FusionHead):
                 gate.detach().mean(-1, keepdim=True), tmask
             ).squeeze(-1)
 
-        if hasattr(self, "f_image"):
+        if self.f_image is not None:
             t_emb = self.g_text(masked_mean(hidden, tmask))  # (B, P) g(t_i)
             v_emb = self.f_image(h_v[:, 0])  # (B, P) f(v_j): the image stream's class token
             valid = crop_ok.any(1)  # an image with at least one crop

@@ -1,11 +1,12 @@
 """UMT: Unified Multimodal Transformer with auxiliary entity span detection.
 
-Paper: Yu, Jiang, Yang and Xia (2020), "Improving Multimodal Named Entity Recognition
-via Entity Span Detection with Unified Multimodal Transformer" (ACL 2020). It is not in
-../shared/papers; our spec is its summary in section 2.4 ("Output Module", eqs.
-13-18) of ../shared/papers/000_72bfaac9fd095f9c.txt (MGC, which builds on UMT),
-with UMT's own design and its authors' released code for what that summary leaves out
-(the extra text transformer layer, the ESD branch and its loss weight 0.5).
+Paper: Jianfei Yu, Jing Jiang, Li Yang and Rui Xia, "Improving Multimodal Named Entity
+Recognition via Entity Span Detection with Unified Multimodal Transformer", ACL 2020,
+pp. 3342-3352, doi:10.18653/v1/2020.acl-main.306 (docs/papers.md). The equation
+numbers below are those of its summary in section 2.4 ("Output Module", eqs. 13-18) of
+the MGC paper (see ``mgc.py``), which builds on UMT; UMT's own design and its authors'
+released code fill in what that summary leaves out (the extra text transformer layer,
+the ESD branch and its loss weight 0.5).
 
 Map from the equations (MGC paper numbering) to this module:
 
@@ -16,7 +17,9 @@ Map from the equations (MGC paper numbering) to this module:
   (``UMTHead.text_layer``, UMT's "main" text branch; switch ``text_layer``: False uses
   the encoder states as ``H``, as MGC's section 2.4 summary states it).
 * eqs. 13-16, ``P = LN(P~ + FFN(P~))`` with ``P~ = LN(g + M(H, g))``: regions attend to
-  words, ``TransformerLayer`` ``img2txt`` (query V, key/value H) -> ``P`` (B, R, D).
+  words, a shared ``CrossModalLayer`` ``img2txt`` (query V, key/value H) -> ``P`` (B, R, D).
+  The interaction module (``MultimodalInteraction``) and its layers are the shared
+  building blocks of ``mner/train/heads/layers.py``, which MGC's output module uses too.
 * image-aware word representation ``A``: words attend to ``P`` through a second
   cross-modal transformer layer ``txt2img_word`` (query H, key/value P) -> (B, T, D).
 * word-aware visual representation ``Q``: words attend to the regions,
@@ -38,8 +41,8 @@ Map from the equations (MGC paper numbering) to this module:
   tagger's typed emissions become ``0.5 * E + 0.5 * prior`` in training and decoding.
   The ESD branch therefore also runs at inference while the conversion is on.
 
-Ablation switches, one per component of the design above (the UMT paper is not in
-../shared/papers, so its ablation table could not be checked row by row); each
+Ablation switches, one per component of the design above (the UMT paper's own text
+was not at hand, so its ablation table could not be checked row by row); each
 removes exactly its parameters and loss term: ``text_layer`` (False: ``H`` is the
 encoder output; one transformer layer less, about a sixth of the head's cost at BERT-base), ``esd`` (False:
 no ESD branch, no ``esd`` loss, no conversion), ``conversion`` (False: ESD is a training-only
@@ -61,175 +64,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchcrf import CRF
 
-from mner.errors import ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.masking import key_padding_mask, masked_mean, replace_missing
-
-# ---------------------------------------------------------------------------------------
-# Building blocks shared with MGC (mner/train/heads/mgc.py imports them).
-# ---------------------------------------------------------------------------------------
-
-
-def resolve_heads(heads: int | None, dim: int) -> int:
-    """Number of attention heads for a D-dim layer.
-
-    ``None`` keeps BERT's head size of 64 (12 heads at D=768, the papers' value; 2 at the
-    tiny profile's D=128).
-
-    Raises:
-        ConfigError: if ``heads`` does not divide ``dim``.
-    """
-    if heads is None:
-        heads = max(1, dim // 64)
-        while dim % heads:
-            heads -= 1
-    if heads < 1 or dim % heads:
-        raise ConfigError(f"train.head.heads: {heads} does not divide the hidden size {dim}")
-    return heads
-
-
-class TransformerLayer(nn.Module):
-    """A post-LN transformer layer whose queries attend to a separate memory.
-
-    With ``memory is query`` it is an ordinary (BERT-style) self-attention layer; with
-    another modality as memory it is UMT's cross-modal transformer layer, eqs. 13-16::
-
-        P~ = LN(query + MultiHead(query, memory, memory))
-        P  = LN(P~ + FFN(P~))
-    """
-
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm1 = nn.LayerNorm(dim)
-        # BERT's FFN (BertIntermediate + BertOutput), which UMT's layers reuse: no dropout
-        # between the two linear layers, only on the output before the residual.
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
-        self.norm2 = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(
-        self, query: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Args:
-            query: (B, N, D).
-            memory: (B, M, D) keys and values.
-            memory_mask: (B, M) bool, True for real memory items.
-
-        Returns:
-            (B, N, D).
-        """
-        ctx, _ = self.attn(
-            query, memory, memory, key_padding_mask=key_padding_mask(memory_mask), need_weights=False
-        )
-        p = self.norm1(query + self.drop(ctx))  # eq. 15
-        return self.norm2(p + self.drop(self.ffn(p)))  # eq. 16
-
-
-@dataclass
-class InteractionOutput:
-    """What :class:`MultimodalInteraction` returns.
-
-    Attributes:
-        hidden: (B, T, 2D) ``[A; B]``, or (B, T, D) ``A`` without the word-aware branch.
-        gate: (B, T, D) visual gate ``c`` (eq. 17), or None when there is no gate.
-    """
-
-    hidden: torch.Tensor
-    gate: torch.Tensor | None
-
-
-class MultimodalInteraction(nn.Module):
-    """UMT's multimodal interaction module (MGC eqs. 13-18), shared by UMT and MGC.
-
-    Args:
-        dim: D, the text hidden size (the fused representations have this size).
-        visual_dim: Dv, the last dim of the visual input (projected to D).
-        heads: attention heads (see :func:`resolve_heads`).
-        ffn_dim: FFN inner size.
-        dropout: dropout inside the transformer layers.
-        image_aware: build the image-aware word representation ``A`` (else ``A = H``).
-        word_aware: build the word-aware visual representation ``Q`` and ``B``.
-        gate: apply the visual gate to ``Q`` (needs ``word_aware``).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        visual_dim: int,
-        heads: int,
-        ffn_dim: int,
-        dropout: float,
-        *,
-        image_aware: bool = True,
-        word_aware: bool = True,
-        gate: bool = True,
-    ):
-        super().__init__()
-        self.visual_proj = nn.Linear(visual_dim, dim)
-        # Stands in for the regions of a missing image, so that the zeros the cache
-        # stores for it are never attended to as if they were image content.
-        self.no_image = nn.Parameter(torch.randn(dim) * 0.02)
-        self.img2txt = self.txt2img_word = None
-        if image_aware:
-            self.img2txt = TransformerLayer(dim, heads, ffn_dim, dropout)
-            self.txt2img_word = TransformerLayer(dim, heads, ffn_dim, dropout)
-        self.txt2img_visual = self.gate = None
-        if word_aware:
-            self.txt2img_visual = TransformerLayer(dim, heads, ffn_dim, dropout)
-            if gate:
-                self.gate = nn.Linear(2 * dim, dim)
-        self.out_dim = 2 * dim if word_aware else dim
-
-    def forward(
-        self,
-        text: torch.Tensor,
-        token_mask: torch.Tensor,
-        visual: torch.Tensor,
-        image_mask: torch.Tensor,
-        region_mask: torch.Tensor | None = None,
-    ) -> InteractionOutput:
-        """Fuse text states with visual items.
-
-        Args:
-            text: (B, T, D) text states ``H``.
-            token_mask: (B, T) bool, True for real sub-tokens.
-            visual: (B, R, Dv) visual items ``g`` (R=49 grid cells, or R=1 for a
-                single image vector).
-            image_mask: (B,) bool, True where the image was read.
-            region_mask: (B, R) bool for padded items; None when all R are real.
-
-        Returns:
-            :class:`InteractionOutput`.
-        """
-        B, R = visual.shape[:2]
-        V = self.visual_proj(visual)  # (B, R, D)
-        V = replace_missing(V, image_mask, self.no_image)
-        if region_mask is None:
-            region_mask = torch.ones(B, R, dtype=torch.bool, device=visual.device)
-        # A missing image's items are all the no-image embedding: let words see them.
-        region_mask = region_mask.bool() | ~image_mask.bool().view(B, 1)
-
-        if self.img2txt is not None:
-            P = self.img2txt(V, text, token_mask)  # eqs. 13-16: (B, R, D)
-            A = self.txt2img_word(text, P, region_mask)  # image-aware words: (B, T, D)
-        else:
-            A = text
-        if self.txt2img_visual is None:
-            return InteractionOutput(hidden=A, gate=None)
-        Q = self.txt2img_visual(text, V, region_mask)  # word-aware visual: (B, T, D)
-        if self.gate is not None:
-            c = torch.sigmoid(self.gate(torch.cat([A, Q], dim=-1)))  # eq. 17: (B, T, D)
-            Bv = c * Q  # eq. 18
-        else:
-            c, Bv = None, Q
-        return InteractionOutput(hidden=torch.cat([A, Bv], dim=-1), gate=c)
-
-
-def mean_gate(gate: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) mean of a (B, T, D) gate over real tokens and dims, detached for reports."""
-    return masked_mean(gate.detach().float().mean(-1, keepdim=True), token_mask).squeeze(-1)
-
+from mner.train.heads.layers import (
+    CrossModalLayer,
+    MultimodalInteraction,
+    attention_heads,
+    mean_gate,
+)
 
 # ---------------------------------------------------------------------------------------
 # Entity span detection (UMT's auxiliary text-only module).
@@ -369,10 +210,10 @@ class UMTHead(FusionHead):
     def __init__(self, cfg: UMTConfig, text_dim: int, feature_dims: Mapping[str, int]):
         super().__init__(cfg, text_dim, feature_dims)
         D = text_dim
-        heads = resolve_heads(cfg.heads, D)
+        heads = attention_heads(D, cfg.heads)
         ffn = cfg.ffn_dim or 4 * D
         # UMT's main text branch: one more transformer layer over BERT.
-        self.text_layer = TransformerLayer(D, heads, ffn, cfg.dropout) if cfg.text_layer else None
+        self.text_layer = CrossModalLayer(D, heads, ffn, cfg.dropout) if cfg.text_layer else None
         self.interaction = MultimodalInteraction(
             D,
             self.feature_dims["resnet/grid"],
@@ -384,9 +225,10 @@ class UMTHead(FusionHead):
             gate=not cfg.no_gate,
         )
         self.out_dim = self.interaction.out_dim
+        self.esd_layer = self.esd_classifier = self.esd_crf = None
         if cfg.esd:
             # A separate text-only branch, so span detection cannot lean on the image.
-            self.esd_layer = TransformerLayer(D, heads, ffn, cfg.dropout)
+            self.esd_layer = CrossModalLayer(D, heads, ffn, cfg.dropout)
             self.esd_classifier = nn.Linear(D, len(SPAN_TAGS))
             if cfg.esd_decoder == "crf":
                 self.esd_crf = CRF(len(SPAN_TAGS), batch_first=True)
@@ -406,13 +248,9 @@ class UMTHead(FusionHead):
             are given; ``emission_prior`` (B, T, K) and ``prior_weight`` when the
             conversion is on; ``diagnostics["umt_gate"]`` (B,) when the gate is on.
         """
-        mask = batch.token_mask.bool()
-        B = mask.shape[0]
-        image_mask = batch.image_mask
-        if image_mask is None:
-            image_mask = torch.ones(B, dtype=torch.bool, device=mask.device)
+        mask = batch.token_mask
         H = batch.hidden if self.text_layer is None else self.text_layer(batch.hidden, batch.hidden, mask)  # (B, T, D)
-        fused = self.interaction(H, mask, batch.visual["resnet/grid"], image_mask)
+        fused = self.interaction(H, mask, batch.visual["resnet/grid"], batch.image_mask)
         out = HeadOutput(hidden=fused.hidden)
         if fused.gate is not None:
             out.diagnostics["umt_gate"] = mean_gate(fused.gate, mask)
