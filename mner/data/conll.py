@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Collection, Iterable, Sequence
+import sys
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,26 @@ _IMGID = "IMGID:"
 # U+2028 that str.split() would treat as separators and str.splitlines() as line ends.
 _FIELDS = re.compile(r"[ \t]+")
 _ASCII_WS = " \t\r\f\v"
-_BAD_ID = re.compile(r"[\s/\\]|^\.{1,2}$")
+_BAD_ID = re.compile(r"[\s/\\\x00]|^\.{1,2}$")
+#: Duplicated IMGIDs warned about one line each per file; the rest are counted in one line.
+MAX_DUPLICATE_WARNINGS = 10
+
+
+def is_image_id(image_id: str) -> bool:
+    """Whether ``image_id`` names a file *inside* an image folder.
+
+    The one rule for every image id a user gives (CoNLL ``IMGID:`` lines, ``image_id`` of
+    ``mner predict``'s JSON lines): an id is a plain file-name stem, never a path, so
+    ``IMAGES/<id>.jpg`` cannot leave ``IMAGES``.
+
+    Args:
+        image_id: The id as written.
+
+    Returns:
+        False for an empty id, ``.`` or ``..``, or one holding whitespace, ``/``, ``\\``
+        or a NUL byte; True otherwise.
+    """
+    return bool(image_id) and not _BAD_ID.search(image_id)
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,7 @@ def read_conll(
     strict: bool = False,
     map_other: bool = True,
     types: Collection[str] | None = KNOWN_TYPES,
+    warn: Callable[[str], None] | None = None,
 ) -> list[Tweet]:
     """Read a Twitter-format CoNLL file (BIO2 or BIOES).
 
@@ -93,6 +114,11 @@ def read_conll(
             are read the way conlleval reads them (an ``I-X`` after ``O`` starts an entity).
         map_other: Rename the type ``OTHER`` (Twitter-2015) to ``MISC`` (Twitter-2017).
         types: Entity types accepted; ``None`` accepts any type name.
+        warn: Called with one ``warning: ...`` line per IMGID that appears twice in the
+            file (naming both lines; default: print to stderr). Two tweets of one split
+            sharing an image are read, not refused: the ids are the cache's row keys, so
+            they share one row of image features, which is right only when they really
+            share the image.
 
     Returns:
         The tweets in file order, labels in BIO2.
@@ -142,7 +168,30 @@ def read_conll(
             spans = [("MISC" if t == "OTHER" else t, s, e) for t, s, e in spans]
         labels = tuple(from_entities(len(tokens), spans, "bio2"))
         tweets.append(Tweet(image_id, tokens, labels, str(path), id_line, index))
+    _warn_duplicates(tweets, path, warn)
     return tweets
+
+
+def _warn_duplicates(tweets: Sequence[Tweet], path: Path, warn: Callable[[str], None] | None) -> None:
+    """One warning line per repeated IMGID (both lines), at most :data:`MAX_DUPLICATE_WARNINGS`."""
+    first: dict[str, int] = {}
+    lines = []
+    for tw in tweets:
+        if tw.image_id in first:
+            lines.append(
+                f"warning: {path}:{tw.line}: IMGID:{tw.image_id} already at line {first[tw.image_id]}; "
+                "both tweets get the same image (remove the duplicate or fix the id)"
+            )
+        else:
+            first[tw.image_id] = tw.line
+    if len(lines) > MAX_DUPLICATE_WARNINGS:
+        more = len(lines) - MAX_DUPLICATE_WARNINGS
+        lines = lines[:MAX_DUPLICATE_WARNINGS] + [
+            f"warning: {path}: {more} more duplicated IMGID(s) not listed ({len(lines)} in all)"
+        ]
+    emit = warn or (lambda m: print(m, file=sys.stderr))
+    for line in lines:
+        emit(line)
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -172,7 +221,7 @@ def _blocks(text: str, path: Path) -> list[tuple[str, int, list[tuple[int, str, 
         if len(fields) == 1 and fields[0].startswith(_IMGID):
             # An IMGID line starts a tweet even without a blank line before it.
             image_id = fields[0][len(_IMGID) :]
-            if not image_id or _BAD_ID.search(image_id):
+            if not is_image_id(image_id):
                 raise DataError(
                     f"{path}:{lineno}: bad image id {image_id!r}; write IMGID:<id> with an id "
                     "such as 17_06_12483 (no spaces or slashes)"
