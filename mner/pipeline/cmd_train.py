@@ -114,32 +114,73 @@ def predict(
     seed: Annotated[int | None, typer.Option("--seed", help="which seed (default: best on dev)")] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    strict_images: Annotated[
+        bool,
+        typer.Option("--strict-images", help="stop, before tagging anything, if any named image is not ok"),
+    ] = False,
 ) -> None:
-    """Print the entities (type, word span, characters) of new tweets."""
-    from mner.apps.predict import Predictor, read_inputs
+    """Print the entities (type, word span, characters) of new tweets.
+
+    Each post's image gets a status (``image_status`` in --json: ok, missing, truncated,
+    not_image, empty, too_large, unreadable, outside, or none when the post names no
+    image); a post whose image is not ok is tagged without it, with a warning line.
+    Malformed JSON lines are listed at the end (exit 2) after the others are tagged.
+    """
+    from mner.apps.predict import Post, Predictor, read_posts, tokenize
+    from mner.errors import DataError
 
     if (text is None) == (input_file is None):
         raise ConfigError("predict: pass either --text \"...\" [--image PATH] or --input FILE")
     if text is not None:
-        texts, paths, ids = [text], [image], ["text"]
+        if not tokenize(text)[0]:
+            raise ConfigError("--text has no words to tag; pass the tweet's text")
+        posts = [Post("text", text, "--text", image, None if image is None else str(image))]
+        problems: list[str] = []
     else:
         if images is None and (input_file.parent / "images").is_dir():
             images = input_file.parent / "images"
-        texts, paths, ids = read_inputs(input_file, images)
-    results = Predictor(run, seed=seed, device=device).predict(texts, paths)
-    for tid, t, ents in zip(ids, texts, results, strict=False):
+        posts, problems = read_posts(input_file, images)
+    predictor = Predictor(run, seed=seed, device=device) if posts else None
+    checks = [predictor.check_image(p) for p in posts] if predictor else []
+    bad = [(p, c) for p, c in zip(posts, checks, strict=True) if c.given and not c.ok]
+
+    def said(p, c) -> str:
+        return f"{p.where}: image {p.image_ref}: {c.status} ({c.message})"
+
+    if strict_images and bad:
+        others = ", ".join(p.where for p, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+        raise DataError(
+            f"{said(*bad[0])}; --strict-images stops on any image that is not ok"
+            + (f" ({len(bad)} in all, also {others})" if len(bad) > 1 else "")
+            + "; fix or remove them, or drop --strict-images to tag those posts without their image"
+        )
+    for p, c in bad:
+        typer.echo(f"warning: {said(p, c)}; tagged without it", err=True)
+    results = predictor.tag(posts, checks) if predictor else []
+    for p, c, r in zip(posts, checks, results, strict=True):
+        if c.ok and not r.image.ok:  # decoded, then failed in the extractors
+            typer.echo(f"warning: {said(p, r.image)}; tagged without it", err=True)
+    for p, r in zip(posts, results, strict=True):
         if as_json:
-            typer.echo(json.dumps({"id": tid, "entities": ents}, ensure_ascii=False))
+            typer.echo(json.dumps({"id": p.id, "entities": r.entities, "image_status": r.image.status},
+                                  ensure_ascii=False))
             continue
         if text is None:
-            typer.echo(f"{tid}: {' '.join(t) if not isinstance(t, str) else t}")
-        for e in ents:
+            typer.echo(f"{p.id}: {' '.join(p.text) if not isinstance(p.text, str) else p.text}")
+        for e in r.entities:
             where = f"words {e['start']}-{e['end']}"
             if "char_start" in e:
                 where += f", chars {e['char_start']}-{e['char_end']}"
             typer.echo(f"  {e['type']:4} {e['text']!r} ({where})")
-        if not ents:
+        if not r.entities:
             typer.echo("  (no entities)")
+    if problems:
+        for line in problems:
+            typer.echo(f"error: {line}", err=True)
+        raise DataError(
+            f"{input_file}: {len(problems)} line(s) could not be read (listed above); "
+            f"the other {len(posts)} were tagged; fix those lines and run them again"
+        )
 
 
 def models() -> None:
