@@ -321,3 +321,28 @@ def test_generated_sample_has_no_duplicated_imgid(sample_dir):
         said = []
         read_conll(sample_dir / f"{split}.txt", warn=said.append)
         assert said == [], split
+
+
+def test_problems_list_collects_bad_tweets_and_keeps_the_good(tmp_path):
+    text = (
+        "IMGID:1\nKevin\tB-PER\n\n"          # 1-2 good
+        "IMGID:a/b\nx\tO\ny\tO\n\n"          # 4 bad id, its lines skipped
+        "IMGID:3\nhello\tO\nworld\n\n"       # 10 no label
+        "orphan\tO\nmore\tO\n\n"             # 12 no IMGID (once)
+        "IMGID:5\nParis\tB-FOO\n\n"          # 16 unknown label
+        "IMGID:6\n"                          # 18 no tokens
+        "IMGID:7\nOakland\tB-LOC\n"          # 19-20 good
+    )
+    p = write(tmp_path, text)
+    problems = ["earlier entry"]
+    tweets = read_conll(p, problems=problems)
+    assert [(t.image_id, t.tokens) for t in tweets] == [("1", ("Kevin",)), ("7", ("Oakland",))]
+    assert [t.line for t in tweets] == [1, 19]
+    assert problems[0] == "earlier entry"
+    assert [m.split(": ", 1)[0] for m in problems[1:]] == [f"{p}:{n}" for n in (4, 10, 12, 16, 18)]
+    assert "bad image id 'a/b'" in problems[1] and "has no label" in problems[2]
+    assert "no IMGID line" in problems[3] and "unknown label 'B-FOO'" in problems[4]
+    assert "has no tokens" in problems[5]
+    # without the list, the first problem raises as before
+    with pytest.raises(DataError, match=f"^{re.escape(str(p))}:4: bad image id"):
+        read_conll(p)

@@ -237,6 +237,18 @@ def test_conll_input_reports_missing_and_outside_images(trained, data, zoo, tmp_
     assert code == 0
     assert [json.loads(x)["image_status"] for x in out.splitlines()] == ["ok", OUTSIDE, "missing"]
     assert [w.split(": image ")[0] for w in err.splitlines()] == [f"warning: {f}:4", f"warning: {f}:7"]
+    # a malformed tweet among good ones: the good ones are tagged, the bad one listed
+    g = tmp_path / "mixed.txt"
+    g.write_text("IMGID:good\nKevin\tB-PER\n\nIMGID:x\nOakland\n\nIMGID:nothere\nhi\tO\n")
+    code, out, err = mner_cli("predict", "--run", trained[0], "--input", g, "--images", zoo,
+                              "--json", "--device", "cpu")
+    assert code == 2 and [json.loads(x)["id"] for x in out.splitlines()] == ["good", "nothere"]
+    assert err.splitlines()[1:] == [
+        f"error: {g}:5: token 'Oakland' has no label; write token<TAB>label, e.g. 'Paris\tB-LOC' or 'the\tO'",
+        f"error: {g}: 1 line(s) could not be read (listed above); the other 2 were tagged; "
+        "fix those lines and run them again",
+    ]
+    assert err.splitlines()[0].startswith(f"warning: {g}:7: image nothere: missing")
     # without an images folder, every id is missing, and says how to fix it
     posts, _ = read_posts(f, None)
     assert {p.lookup.message for p in posts} == {"no images folder to look the id up in; pass --images DIR"}

@@ -364,14 +364,15 @@ def read_posts(path: str | os.PathLike, images_dir: str | os.PathLike | None) ->
     follow the CoNLL IMGID rule, so they cannot name a path). Blank lines are skipped;
     other keys are ignored.
 
-    A malformed JSON line does not stop the others: it is returned as a problem.
+    A malformed JSON line (or CoNLL tweet) does not stop the others: it is returned as a
+    problem.
 
     Returns:
         ``(posts, problems)``: the posts to tag in file order, and one
         ``FILE:LINE: what is wrong`` line per malformed input line.
 
     Raises:
-        DataError: the file is missing or unreadable, or (CoNLL) malformed.
+        DataError: the file is missing or unreadable as a whole (not UTF-8, empty CoNLL).
     """
     path = Path(path)
     images = None if images_dir is None else Path(images_dir)
@@ -382,7 +383,7 @@ def read_posts(path: str | os.PathLike, images_dir: str | os.PathLike | None) ->
     if path.suffix != ".jsonl":
         from mner.data.conll import read_conll
 
-        for t in read_conll(path):
+        for t in read_conll(path, problems=problems):
             found, lookup = find_post_image(images, t.image_id)
             posts.append(Post(t.image_id, t.tokens, f"{path}:{t.line}", found, t.image_id, lookup))
         return posts, problems
