@@ -259,3 +259,15 @@ def test_predict_api_keeps_its_signature(predictor, zoo):
     assert len(ents) == 2 and all(isinstance(e, list) for e in ents)
     [r] = predictor.tag([Post("a", ("Kevin",), "here", zoo / "zero.jpg", "zero")])
     assert r.image.status == "empty"
+
+
+def test_flags_of_the_other_mode_are_refused(tmp_path, mner_cli):
+    f = tmp_path / "in.jsonl"
+    f.write_text('{"text": "a"}\n')
+    code, out, err = mner_cli("predict", "--run", tmp_path, "--input", f, "--image", "x.jpg")
+    assert code == 2 and out == "" and err.startswith("error: predict: --image goes with --text;")
+    code, out, err = mner_cli("predict", "--run", tmp_path, "--text", "a b", "--images", tmp_path)
+    assert code == 2 and err == ("error: predict: --images goes with --input; give --text its image "
+                                 "with --image PATH\n")
+    code, out, err = mner_cli("predict", "--run", tmp_path, "--text", "   ")
+    assert (code, out) == (2, "") and err == "error: --text has no words to tag; pass the tweet's text\n"

@@ -131,6 +131,12 @@ def predict(
 
     if (text is None) == (input_file is None):
         raise ConfigError("predict: pass either --text \"...\" [--image PATH] or --input FILE")
+    # A flag of the other mode would be ignored, and the posts tagged without the images meant.
+    if text is not None and images is not None:
+        raise ConfigError("predict: --images goes with --input; give --text its image with --image PATH")
+    if input_file is not None and image is not None:
+        raise ConfigError("predict: --image goes with --text; give --input's posts an \"image\" or "
+                          "\"image_id\" each (JSON lines), or --images DIR")
     if text is not None:
         if not tokenize(text)[0]:
             raise ConfigError("--text has no words to tag; pass the tweet's text")
