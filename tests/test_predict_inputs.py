@@ -220,7 +220,7 @@ def test_bad_lines_are_listed_after_the_good_ones_are_tagged(trained, zoo, tmp_p
         "--images and hold no \"/\", \"\\\", spaces, or \".\"/\"..\" alone; give \"image\": PATH for a "
         "file elsewhere",
         f"error: {f}:6: not valid JSON (Expecting value at column 1); write one object per line",
-        f"error: {f}: 3 line(s) could not be read (listed above); the other 2 were tagged; "
+        f"error: {f}: 3 post(s) could not be read (listed above); the other 2 were tagged; "
         "fix those lines and run them again",
     ]
     # nothing good at all: no model is loaded, still one line per bad line and exit 2
@@ -245,7 +245,7 @@ def test_conll_input_reports_missing_and_outside_images(trained, data, zoo, tmp_
     assert code == 2 and [json.loads(x)["id"] for x in out.splitlines()] == ["good", "nothere"]
     assert err.splitlines()[1:] == [
         f"error: {g}:5: token 'Oakland' has no label; write token<TAB>label, e.g. 'Paris\tB-LOC' or 'the\tO'",
-        f"error: {g}: 1 line(s) could not be read (listed above); the other 2 were tagged; "
+        f"error: {g}: 1 post(s) could not be read (listed above); the other 2 were tagged; "
         "fix those lines and run them again",
     ]
     assert err.splitlines()[0].startswith(f"warning: {g}:7: image nothere: missing")

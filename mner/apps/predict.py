@@ -169,6 +169,33 @@ class Predictor:
         dec = load_image(Path(image), max_pixels=self.max_pixels)
         return ImageCheck(dec.status.value, dec.message)
 
+    def check_posts(self, posts: Sequence[Post], *, strict: bool = False) -> tuple[list[ImageCheck], list[str]]:
+        """Check every post's image before tagging.
+
+        Args:
+            posts: the posts.
+            strict: refuse any named image that is not ``ok`` (``--strict-images``).
+
+        Returns:
+            ``(checks, warnings)``: one :class:`ImageCheck` per post, and one
+            ``warning: FILE:LINE: image REF: STATUS (why); tagged without it`` line per
+            post whose named image will not be used.
+
+        Raises:
+            DataError: ``strict`` and an image is not ok; one line naming the first post
+                and image, and how many others there are.
+        """
+        checks = [self.check_image(p) for p in posts]
+        bad = [(p, c) for p, c in zip(posts, checks, strict=True) if c.given and not c.ok]
+        if strict and bad:
+            others = ", ".join(p.where for p, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+            raise DataError(
+                f"{image_line(*bad[0])}; --strict-images stops on any image that is not ok"
+                + (f" ({len(bad)} in all, also {others})" if len(bad) > 1 else "")
+                + "; fix or remove them, or drop --strict-images to tag those posts without their image"
+            )
+        return checks, [f"warning: {image_line(p, c)}; tagged without it" for p, c in bad]
+
     def predict(
         self,
         texts: Sequence[str | Sequence[str]],
@@ -258,6 +285,11 @@ class Predictor:
         names = list(VisualStore(None, lr.needs, []).load_names)
         arrays, ok = extract_arrays(list(image_paths), self._cache_provenance, names, device=str(lr.device))
         return _ArrayCache({n: np.asarray(a) for n, a in arrays.items()}, ok)
+
+
+def image_line(post: Post, check: ImageCheck) -> str:
+    """``FILE:LINE: image REF: STATUS (why)``: where a post's image went wrong, for messages."""
+    return f"{post.where}: image {post.image_ref}: {check.status} ({check.message})"
 
 
 def find_post_image(images_dir: Path | None, image_id: str) -> tuple[Path | None, ImageCheck | None]:

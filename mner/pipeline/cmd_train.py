@@ -124,9 +124,10 @@ def predict(
     Each post's image gets a status (``image_status`` in --json: ok, missing, truncated,
     not_image, empty, too_large, unreadable, outside, or none when the post names no
     image); a post whose image is not ok is tagged without it, with a warning line.
-    Malformed JSON lines are listed at the end (exit 2) after the others are tagged.
+    Malformed posts (JSON lines, CoNLL tweets) are listed at the end (exit 2) after the
+    others are tagged.
     """
-    from mner.apps.predict import Post, Predictor, read_posts, tokenize
+    from mner.apps.predict import Post, Predictor, image_line, read_posts, tokenize
     from mner.errors import DataError
 
     if (text is None) == (input_file is None):
@@ -147,25 +148,13 @@ def predict(
             images = input_file.parent / "images"
         posts, problems = read_posts(input_file, images)
     predictor = Predictor(run, seed=seed, device=device) if posts else None
-    checks = [predictor.check_image(p) for p in posts] if predictor else []
-    bad = [(p, c) for p, c in zip(posts, checks, strict=True) if c.given and not c.ok]
-
-    def said(p, c) -> str:
-        return f"{p.where}: image {p.image_ref}: {c.status} ({c.message})"
-
-    if strict_images and bad:
-        others = ", ".join(p.where for p, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
-        raise DataError(
-            f"{said(*bad[0])}; --strict-images stops on any image that is not ok"
-            + (f" ({len(bad)} in all, also {others})" if len(bad) > 1 else "")
-            + "; fix or remove them, or drop --strict-images to tag those posts without their image"
-        )
-    for p, c in bad:
-        typer.echo(f"warning: {said(p, c)}; tagged without it", err=True)
+    checks, warnings = predictor.check_posts(posts, strict=strict_images) if predictor else ([], [])
+    for line in warnings:
+        typer.echo(line, err=True)
     results = predictor.tag(posts, checks) if predictor else []
     for p, c, r in zip(posts, checks, results, strict=True):
         if c.ok and not r.image.ok:  # decoded, then failed in the extractors
-            typer.echo(f"warning: {said(p, r.image)}; tagged without it", err=True)
+            typer.echo(f"warning: {image_line(p, r.image)}; tagged without it", err=True)
     for p, r in zip(posts, results, strict=True):
         if as_json:
             typer.echo(json.dumps({"id": p.id, "entities": r.entities, "image_status": r.image.status},
@@ -184,7 +173,7 @@ def predict(
         for line in problems:
             typer.echo(f"error: {line}", err=True)
         raise DataError(
-            f"{input_file}: {len(problems)} line(s) could not be read (listed above); "
+            f"{input_file}: {len(problems)} post(s) could not be read (listed above); "
             f"the other {len(posts)} were tagged; fix those lines and run them again"
         )
 
