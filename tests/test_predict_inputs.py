@@ -17,7 +17,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from mner.apps.predict import NO_IMAGE, OUTSIDE, Post, Predictor, read_posts
+from mner.apps.predict import NO_IMAGE, OUTSIDE, ImageCheck, Post, Predictor, read_posts
 from mner.data.conll import read_conll
 from mner.extract.images import load_image
 
@@ -63,6 +63,12 @@ def test_training_warns_about_a_duplicated_imgid(trained, data):
     assert trained[1].splitlines().count(line) == 1
 
 
+def _lines(tmp_path, records, name="in.jsonl"):
+    f = tmp_path / name
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return f
+
+
 def _png_claiming(path, width, height):
     """A real 2x2 PNG whose header (with a valid CRC) claims ``width`` x ``height``."""
     Image.new("RGB", (2, 2), "red").save(path)
@@ -105,6 +111,9 @@ def test_read_posts_finds_each_image_status_by_id(zoo, predictor, tmp_path):
     assert got == {"good": "ok", "cut": "truncated", "page": "not_image", "zero": "empty",
                    "dir": "missing", "bomb": "too_large", "link": OUTSIDE, "inner": "ok",
                    "nothere": "missing", "10": NO_IMAGE}
+    long_id = "a" * 300  # longer than a file name may be: missing, not a traceback
+    [post], _ = read_posts(_lines(tmp_path, [{"text": "x", "image_id": long_id}], "long.jsonl"), zoo)
+    assert predictor.check_image(post) == ImageCheck("missing", f"cannot look it up in {zoo}: File name too long")
     link = next(p for p in posts if p.id == "link")
     assert link.image is None  # never opened
     assert [p.where for p in posts] == [f"{f}:{n}" for n in range(1, 11)]

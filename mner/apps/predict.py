@@ -16,6 +16,7 @@ and says so.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -305,7 +306,11 @@ def find_post_image(images_dir: Path | None, image_id: str) -> tuple[Path | None
 
     if images_dir is None:
         return None, ImageCheck(ImageStatus.MISSING.value, "no images folder to look the id up in; pass --images DIR")
-    found = find_image(images_dir, image_id)
+    try:
+        found = find_image(images_dir, image_id)
+    except OSError as exc:  # e.g. an id longer than a file name may be, an unreadable folder
+        status = ImageStatus.MISSING if exc.errno == errno.ENAMETOOLONG else ImageStatus.UNREADABLE
+        return None, ImageCheck(status.value, f"cannot look it up in {images_dir}: {exc.strerror or exc}")
     if found is None:
         return None, ImageCheck(ImageStatus.MISSING.value, f"no {image_id}.jpg/.jpeg/.png in {images_dir}")
     if not _inside(found, images_dir):
