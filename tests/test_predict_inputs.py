@@ -26,12 +26,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def data(sample_dir, tmp_path_factory):
-    """A small slice of the sample (fast to train), with train.txt's first tweet repeated."""
+    """A small slice of the sample (fast to train), with train.txt's first tweet repeated
+    and test.txt holding good and broken images."""
+    from mner.data.images import find_image
+
     out = tmp_path_factory.mktemp("dup_sample")
-    for name, n in (("train.txt", 80), ("valid.txt", 20), ("test.txt", 20)):
-        tweets = (sample_dir / name).read_text(encoding="utf-8").strip("\n").split("\n\n")[:n]
+    for name, n in (("train.txt", 80), ("valid.txt", 20), ("test.txt", 12)):
+        every = (sample_dir / name).read_text(encoding="utf-8").strip("\n").split("\n\n")
+        tweets = every[:n]
         if name == "train.txt":
             tweets.append(tweets[0])
+        if name == "test.txt":  # and 8 whose image is broken or missing
+            tweets += [t for t in every[n:] if not load_image(
+                find_image(sample_dir / "images", t.split("\n")[0][len("IMGID:"):])).ok][:8]
         (out / name).write_text("\n\n".join(tweets) + "\n\n", encoding="utf-8")
     return out
 
@@ -280,3 +287,28 @@ def test_flags_of_the_other_mode_are_refused(tmp_path, mner_cli):
                                  "with --image PATH\n")
     code, out, err = mner_cli("predict", "--run", tmp_path, "--text", "   ")
     assert (code, out) == (2, "") and err == "error: --text has no words to tag; pass the tweet's text\n"
+
+
+def test_predict_agrees_with_the_cache_and_the_training_predictions(trained, data, sample_dir, tiny_cache,
+                                                                    mner_cli):
+    """Each image's status is the one extraction recorded, and the tags are training's."""
+    from mner.cache.reader import FeatureCache
+    from mner.data.schemes import entities
+
+    run = trained[0]
+    code, out, _ = mner_cli("predict", "--run", run, "--input", data / "test.txt", "--images",
+                            sample_dir / "images", "--json", "--device", "cpu")
+    assert code == 0
+    recs = [json.loads(x) for x in out.splitlines()]
+    tweets = read_conll(data / "test.txt")
+    cache = FeatureCache(tiny_cache)
+    try:
+        want = cache.status_of([t.image_id for t in tweets])
+    finally:
+        cache.close()
+    assert [r["image_status"] for r in recs] == want
+    assert want.count("ok") == 12 and len(set(want)) >= 3  # good, missing and broken images
+    pred = read_conll(run / "seed_1" / "pred_test.txt")
+    assert [[(e["type"], e["start"], e["end"]) for e in r["entities"]] for r in recs] == [
+        entities(t.labels) for t in pred
+    ]
