@@ -66,7 +66,7 @@ class _ArrayCache:
 #: ``image_status`` of a post that names no image (no ``"image"``/``"image_id"``, no ``--image``).
 NO_IMAGE = "none"
 #: ``image_status`` of an ``image_id`` whose file resolves outside the images folder (a
-#: symlink leading out). Engineer B adds the same value to ImageStatus; until then, here.
+#: symlink leading out). The same string as extraction's status for such files.
 OUTSIDE = "outside"
 
 
@@ -319,8 +319,8 @@ def find_post_image(images_dir: Path | None, image_id: str) -> tuple[Path | None
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    # Engineer B's mner.data.images is adding this containment rule as the ``outside``
-    # status; this is the one place predict checks it, to switch over to B's function.
+    # The one place predict checks containment; to become mner.data.images' own rule for
+    # the ``outside`` status, so that extraction and predict refuse the same files.
     return path.resolve().is_relative_to(Path(folder).resolve())
 
 
