@@ -254,3 +254,95 @@ def test_check_image_statuses(tmp_path):
     assert {s.value for s in ImageStatus} == {
         "ok", "missing", "unreadable", "empty", "truncated", "too_large", "not_image",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("image_id", "ok"),
+    [("17_06_12483", True), ("O_1926", True), ("a.b", True), ("..x", True),
+     ("", False), (".", False), ("..", False), ("a/b", False), ("../../x", False),
+     ("/etc/passwd", False), ("a\\b", False), ("a b", False), ("a\x00b", False)],
+)
+def test_is_image_id_is_the_one_rule_for_ids(tmp_path, image_id, ok):
+    from mner.data.conll import is_image_id
+
+    assert is_image_id(image_id) is ok
+    if "\n" not in image_id and " " not in image_id:  # CoNLL applies the same rule
+        p = write(tmp_path, f"IMGID:{image_id}\na\tO\n")
+        if ok:
+            assert read_conll(p)[0].image_id == image_id
+        else:
+            with pytest.raises(DataError, match=r":1: bad image id"):
+                read_conll(p)
+
+
+def test_duplicated_imgid_warns_with_both_lines(tmp_path, capsys):
+    p = write(tmp_path, "IMGID:7\na\tO\n\nIMGID:8\nb\tO\n\nIMGID:7\nc\tO\n\nIMGID:7\nd\tO\n")
+    said = []
+    tweets = read_conll(p, warn=said.append)
+    assert [t.image_id for t in tweets] == ["7", "8", "7", "7"]  # read, not refused
+    assert said == [
+        f"warning: {p}:7: IMGID:7 already at line 1; both tweets get the same image "
+        "(remove the duplicate or fix the id)",
+        f"warning: {p}:10: IMGID:7 already at line 1; both tweets get the same image "
+        "(remove the duplicate or fix the id)",
+    ]
+    # default: the same lines on stderr; load_splits passes them through
+    read_conll(p)
+    assert capsys.readouterr().err.splitlines() == said
+    said.clear()
+    p.rename(tmp_path / "train.txt")
+    write(tmp_path, "IMGID:7\na\tO\n", "test.txt")  # the same id in another split is fine
+    load_splits(tmp_path, warn=said.append)
+    assert len(said) == 2 and all("train.txt:" in s for s in said)
+
+
+def test_many_duplicates_are_summarised_after_ten(tmp_path):
+    from mner.data.conll import MAX_DUPLICATE_WARNINGS
+
+    p = write(tmp_path, "".join(f"IMGID:{i % 3}\na\tO\n\n" for i in range(20)))
+    said = []
+    read_conll(p, warn=said.append)
+    assert len(said) == MAX_DUPLICATE_WARNINGS + 1
+    assert said[-1] == f"warning: {p}: 7 more duplicated IMGID(s) not listed (17 in all)"
+
+
+def test_cli_data_stats_shows_duplicate_warning(tmp_path, mner_cli):
+    write(tmp_path, "IMGID:5\na\tB-PER\n\nIMGID:5\nb\tO\n", "train.txt")
+    code, out, err = mner_cli("data", "stats", str(tmp_path))
+    assert code == 0 and out
+    assert err.splitlines() == [
+        f"warning: {tmp_path / 'train.txt'}:4: IMGID:5 already at line 1; both tweets get the "
+        "same image (remove the duplicate or fix the id)"
+    ]
+
+
+def test_generated_sample_has_no_duplicated_imgid(sample_dir):
+    for split in ("train", "valid", "test"):
+        said = []
+        read_conll(sample_dir / f"{split}.txt", warn=said.append)
+        assert said == [], split
+
+
+def test_problems_list_collects_bad_tweets_and_keeps_the_good(tmp_path):
+    text = (
+        "IMGID:1\nKevin\tB-PER\n\n"          # 1-2 good
+        "IMGID:a/b\nx\tO\ny\tO\n\n"          # 4 bad id, its lines skipped
+        "IMGID:3\nhello\tO\nworld\n\n"       # 10 no label
+        "orphan\tO\nmore\tO\n\n"             # 12 no IMGID (once)
+        "IMGID:5\nParis\tB-FOO\n\n"          # 16 unknown label
+        "IMGID:6\n"                          # 18 no tokens
+        "IMGID:7\nOakland\tB-LOC\n"          # 19-20 good
+    )
+    p = write(tmp_path, text)
+    problems = ["earlier entry"]
+    tweets = read_conll(p, problems=problems)
+    assert [(t.image_id, t.tokens) for t in tweets] == [("1", ("Kevin",)), ("7", ("Oakland",))]
+    assert [t.line for t in tweets] == [1, 19]
+    assert problems[0] == "earlier entry"
+    assert [m.split(": ", 1)[0] for m in problems[1:]] == [f"{p}:{n}" for n in (4, 10, 12, 16, 18)]
+    assert "bad image id 'a/b'" in problems[1] and "has no label" in problems[2]
+    assert "no IMGID line" in problems[3] and "unknown label 'B-FOO'" in problems[4]
+    assert "has no tokens" in problems[5]
+    # without the list, the first problem raises as before
+    with pytest.raises(DataError, match=f"^{re.escape(str(p))}:4: bad image id"):
+        read_conll(p)

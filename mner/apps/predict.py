@@ -4,17 +4,29 @@ The image features are computed by the same extractors, with the same settings, 
 made the run's training cache (``mner.extract.api.extract_arrays`` re-creates them
 from the cache provenance recorded in ``RUN/provenance.json``), so a prediction sees
 the tensors the model was trained on.
+
+Every post's image gets a status, decided by the extraction loader
+(:func:`mner.extract.images.load_image`, with the cache's ``max_pixels``), so an image
+predict calls ``ok`` is one extraction calls ``ok``: the values of
+:class:`mner.data.images.ImageStatus`, plus :data:`OUTSIDE` (an ``image_id`` whose file
+is a symlink leading out of the images folder) and :data:`NO_IMAGE` (the post names no
+image). A post whose image is not ``ok`` is tagged as if it had none (the image mask),
+and says so.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mner.data.images import ImageStatus
 from mner.errors import DataError
 from mner.train.data import NerDataset, VisualStore
 from mner.train.evaluation import load_run, predict_words
@@ -51,6 +63,72 @@ class _ArrayCache:
         return {n: self.arrays[n][idx] for n in names}, self.ok[idx], {}
 
 
+#: ``image_status`` of a post that names no image (no ``"image"``/``"image_id"``, no ``--image``).
+NO_IMAGE = "none"
+#: ``image_status`` of an ``image_id`` whose file resolves outside the images folder (a
+#: symlink leading out). The same string as extraction's status for such files.
+OUTSIDE = "outside"
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What became of one post's image.
+
+    Attributes:
+        status: an :class:`ImageStatus` value, :data:`OUTSIDE` or :data:`NO_IMAGE`.
+        message: one human line on why (empty for ``none``).
+    """
+
+    status: str
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True only when the image is used."""
+        return self.status == ImageStatus.OK.value
+
+    @property
+    def given(self) -> bool:
+        """True when the post named an image (whatever became of it)."""
+        return self.status != NO_IMAGE
+
+
+@dataclass(frozen=True)
+class Post:
+    """One post of a batch input, ready to tag.
+
+    Attributes:
+        id: output id (the image id, or the input line number when there is none).
+        text: a raw string (tokenised with :func:`tokenize`) or a tuple of tokens.
+        where: ``FILE:LINE`` of the post (``--text`` for the one-off), for messages.
+        image: the file to decode, or None (none named, or the id has no file).
+        image_ref: the path or id as the user wrote it, None when none was named.
+        lookup: the status already decided while finding the file (``missing`` or
+            ``outside`` for an id), else None: decode ``image`` to know.
+    """
+
+    id: str
+    text: str | tuple[str, ...]
+    where: str
+    image: Path | None = None
+    image_ref: str | None = None
+    lookup: ImageCheck | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The entities of one post and what became of its image.
+
+    Attributes:
+        entities: ``{"type", "start", "end", "text"}`` per entity (word span
+            ``[start, end)``), plus ``"char_start"``/``"char_end"`` for raw-string input.
+        image: :class:`ImageCheck` of the post's image.
+    """
+
+    entities: list[dict]
+    image: ImageCheck
+
+
 class Predictor:
     """Tag tweets with a trained run.
 
@@ -63,13 +141,68 @@ class Predictor:
     def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto"):
         self.loaded = load_run(Path(run), seed, device)
         self.device = device
+        prov = (self.loaded.provenance.get("cache") or {}).get("provenance") or {}
+        self._cache_provenance = prov
+        stored = prov.get("extract_config") or {}
+        # The guard the training cache was extracted with: an image too large there is too
+        # large here. Text-only runs have no cache and use the extraction default.
+        from mner.extract.images import DEFAULT_MAX_PIXELS
+
+        self.max_pixels = int(stored.get("max_pixels") or DEFAULT_MAX_PIXELS)
+
+    def check_image(self, image: Post | str | os.PathLike | None) -> ImageCheck:
+        """Status of a post's image, decoded as extraction decodes it.
+
+        Args:
+            image: a :class:`Post` (its lookup status, else its file) or an image path
+                (None: no image).
+        """
+        from mner.extract.images import load_image
+
+        if isinstance(image, Post):
+            if image.lookup is not None:
+                return image.lookup
+            if image.image_ref is None:
+                return ImageCheck(NO_IMAGE)
+            image = image.image
+        if image is None:
+            return ImageCheck(NO_IMAGE)
+        dec = load_image(Path(image), max_pixels=self.max_pixels)
+        return ImageCheck(dec.status.value, dec.message)
+
+    def check_posts(self, posts: Sequence[Post], *, strict: bool = False) -> tuple[list[ImageCheck], list[str]]:
+        """Check every post's image before tagging.
+
+        Args:
+            posts: the posts.
+            strict: refuse any named image that is not ``ok`` (``--strict-images``).
+
+        Returns:
+            ``(checks, warnings)``: one :class:`ImageCheck` per post, and one
+            ``warning: FILE:LINE: image REF: STATUS (why); tagged without it`` line per
+            post whose named image will not be used.
+
+        Raises:
+            DataError: ``strict`` and an image is not ok; one line naming the first post
+                and image, and how many others there are.
+        """
+        checks = [self.check_image(p) for p in posts]
+        bad = [(p, c) for p, c in zip(posts, checks, strict=True) if c.given and not c.ok]
+        if strict and bad:
+            others = ", ".join(p.where for p, _ in bad[1:6]) + (", ..." if len(bad) > 6 else "")
+            raise DataError(
+                f"{image_line(*bad[0])}; --strict-images stops on any image that is not ok"
+                + (f" ({len(bad)} in all, also {others})" if len(bad) > 1 else "")
+                + "; fix or remove them, or drop --strict-images to tag those posts without their image"
+            )
+        return checks, [f"warning: {image_line(p, c)}; tagged without it" for p, c in bad]
 
     def predict(
         self,
         texts: Sequence[str | Sequence[str]],
         image_paths: Sequence[str | Path | None],
     ) -> list[list[dict]]:
-        """Entities of each tweet.
+        """Entities of each tweet (see :meth:`tag` for the image statuses too).
 
         Args:
             texts: raw strings (tokenised with :func:`tokenize`) or token sequences.
@@ -79,10 +212,36 @@ class Predictor:
             Per tweet, a list of ``{"type", "start", "end", "text"}`` with the word span
             ``[start, end)``, plus ``"char_start"``/``"char_end"`` for raw-string input.
         """
-        from mner.data.schemes import entities
-
         if len(texts) != len(image_paths):
             raise DataError(f"{len(texts)} texts but {len(image_paths)} images; pass one image (or none) per text")
+        posts = [
+            Post(str(i), t if isinstance(t, str) else tuple(t), f"text {i}",
+                 None if p is None else Path(p), None if p is None else str(p))
+            for i, (t, p) in enumerate(zip(texts, image_paths, strict=True))
+        ]
+        return [p.entities for p in self.tag(posts)]
+
+    def tag(self, posts: Sequence[Post], checks: Sequence[ImageCheck] | None = None) -> list[Prediction]:
+        """Entities of each post, with the status of its image.
+
+        Args:
+            posts: the posts (see :func:`read_posts`).
+            checks: their :meth:`check_image` results when already made (same length);
+                otherwise the images are checked here.
+
+        Returns:
+            One :class:`Prediction` per post. Images that are not ``ok`` are not used: the
+            post is tagged as one without an image.
+        """
+        from mner.data.schemes import entities
+
+        if checks is None:
+            checks = [self.check_image(p) for p in posts]
+        if len(checks) != len(posts):
+            raise ValueError(f"{len(checks)} image checks for {len(posts)} posts")
+        if not posts:
+            return []
+        texts = [p.text for p in posts]
         lr = self.loaded
         sentences, offsets = [], []
         for t in texts:
@@ -93,72 +252,196 @@ class Predictor:
             else:
                 sentences.append(list(t))
                 offsets.append(None)
-        ids = [str(i) for i in range(len(texts))]
+        ids = [str(i) for i in range(len(texts))]  # rows of the in-memory feature arrays
         visual = None
         if lr.needs:
-            visual = VisualStore(self._extract(image_paths), lr.needs, ids)
+            use = [p.image if c.ok else None for c, p in zip(checks, posts, strict=True)]
+            arrays = self._extract(use)
+            # The extractors decode again; a file that failed there (e.g. preprocessing)
+            # was not used, whatever the first decoding said.
+            checks = [
+                ImageCheck(ImageStatus.UNREADABLE.value, "decoded, but the extractors could not use it")
+                if c.ok and not arrays.ok[i] else c
+                for i, c in enumerate(checks)
+            ]
+            visual = VisualStore(arrays, lr.needs, ids)
         ds = NerDataset(sentences, ids, lr.tokenizer, lr.cfg.max_length, None, None, visual)
         tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
         out = []
-        for words, offs, t in zip(sentences, offsets, tags, strict=False):
+        for words, offs, t, check in zip(sentences, offsets, tags, checks, strict=True):
             ents = []
             for typ, s, e in entities(lr.tagset.decode(t)):
                 ent = {"type": typ, "start": s, "end": e, "text": " ".join(words[s:e])}
                 if offs is not None:
                     ent["char_start"], ent["char_end"] = offs[s][0], offs[e - 1][1]
                 ents.append(ent)
-            out.append(ents)
+            out.append(Prediction(ents, check))
         return out
 
-    def _extract(self, image_paths: Sequence[str | Path | None]) -> _ArrayCache:
-        """Run the run's extractors on the images; absent files get ``image_ok`` False."""
+    def _extract(self, image_paths: Sequence[Path | None]) -> _ArrayCache:
+        """Run the run's extractors on the images (None: no image, ``image_ok`` False)."""
         from mner.extract.api import extract_arrays
 
         lr = self.loaded
-        prov = (lr.provenance.get("cache") or {}).get("provenance") or {}
         names = list(VisualStore(None, lr.needs, []).load_names)
-        paths = [Path(p) if p is not None and Path(p).is_file() else None for p in image_paths]
-        arrays, ok = extract_arrays(paths, prov, names, device=str(lr.device))
+        arrays, ok = extract_arrays(list(image_paths), self._cache_provenance, names, device=str(lr.device))
         return _ArrayCache({n: np.asarray(a) for n, a in arrays.items()}, ok)
 
 
-def read_inputs(path: Path, images_dir: Path | None) -> tuple[list, list, list[str]]:
-    """Read a batch input file: CoNLL (tokens, IMGID) or JSON lines.
+def image_line(post: Post, check: ImageCheck) -> str:
+    """``FILE:LINE: image REF: STATUS (why)``: where a post's image went wrong, for messages."""
+    return f"{post.where}: image {post.image_ref}: {check.status} ({check.message})"
 
-    JSON lines hold ``{"text": "..."}`` or ``{"tokens": [...]}``, and ``"image"`` (a
-    path) or ``"image_id"`` (looked up in ``images_dir``).
+
+def find_post_image(images_dir: Path | None, image_id: str) -> tuple[Path | None, ImageCheck | None]:
+    """The file of ``image_id`` inside ``images_dir``, or the status that says why not.
+
+    ``image_id`` must already pass :func:`mner.data.conll.is_image_id`. A file found by
+    name that resolves outside the folder (a symlink leading out) is not used.
 
     Returns:
-        ``(texts, image_paths, ids)``.
+        ``(file, None)`` to decode, or ``(None, check)`` with ``missing`` / ``outside``.
     """
     from mner.data.images import find_image
 
+    if images_dir is None:
+        return None, ImageCheck(ImageStatus.MISSING.value, "no images folder to look the id up in; pass --images DIR")
+    try:
+        found = find_image(images_dir, image_id)
+    except OSError as exc:  # e.g. an id longer than a file name may be, an unreadable folder
+        status = ImageStatus.MISSING if exc.errno == errno.ENAMETOOLONG else ImageStatus.UNREADABLE
+        return None, ImageCheck(status.value, f"cannot look it up in {images_dir}: {exc.strerror or exc}")
+    if found is None:
+        return None, ImageCheck(ImageStatus.MISSING.value, f"no {image_id}.jpg/.jpeg/.png in {images_dir}")
+    if not _inside(found, images_dir):
+        return None, ImageCheck(OUTSIDE, f"{found} leads outside {images_dir} (to {found.resolve()})")
+    return found, None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    # The one place predict checks containment; to become mner.data.images' own rule for
+    # the ``outside`` status, so that extraction and predict refuse the same files.
+    return path.resolve().is_relative_to(Path(folder).resolve())
+
+
+def _kind(value: object) -> str:
+    """A JSON value's kind in words, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _words(value: object, field: str, *, allow_string: bool) -> str | tuple[str, ...]:
+    """The ``text``/``tokens`` of a JSON line, or raise ValueError saying what is wrong."""
+    wanted = "a string or a list of strings" if allow_string else "a list of strings"
+    if isinstance(value, str) and allow_string:
+        if not tokenize(value)[0]:
+            raise ValueError(f'"{field}" has no words to tag; give the post\'s text')
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f'"{field}" must be {wanted}, found {_kind(value)}')
+    if not value:
+        raise ValueError(f'"{field}" is an empty list; give at least one word')
+    for i, tok in enumerate(value):
+        if not isinstance(tok, str):
+            raise ValueError(f'"{field}" must be {wanted}, found {_kind(tok)} at position {i}')
+        if not tok.strip() or any(c.isspace() for c in tok):
+            raise ValueError(f'"{field}"[{i}] is {tok!r}; a token is a non-empty string without spaces')
+    return tuple(value)
+
+
+def _json_post(rec: object, n: int, where: str, images_dir: Path | None) -> Post:
+    """One JSON line as a :class:`Post`; ValueError with the reason when it is malformed."""
+    from mner.data.conll import is_image_id
+
+    if not isinstance(rec, dict):
+        raise ValueError(f'expected an object with "text" or "tokens", found {_kind(rec)}')
+    has = [k for k in ("text", "tokens") if k in rec]
+    if not has:
+        raise ValueError('the object has no "text" or "tokens"; write {"text": "..."} or {"tokens": [...]}')
+    if len(has) == 2:
+        raise ValueError('the object has both "text" and "tokens"; keep one')
+    text = _words(rec[has[0]], has[0], allow_string=has[0] == "text")
+    image, iid = rec.get("image"), rec.get("image_id")
+    if image is not None and iid is not None:
+        raise ValueError('the object has both "image" and "image_id"; keep one')
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise ValueError(f'"image" must be a file path (a string), found {_kind(image)}')
+        # An explicit path is the user's own choice of file: used as given.
+        return Post(str(n), text, where, Path(image), image)
+    if iid is None:
+        return Post(str(n), text, where)
+    if isinstance(iid, bool) or not isinstance(iid, (str, int)):
+        raise ValueError(f'"image_id" must be a string, found {_kind(iid)}')
+    iid = str(iid)
+    if not is_image_id(iid):
+        raise ValueError(
+            f'"image_id" {iid!r} is not an image id: ids name a file inside --images and hold no '
+            '"/", "\\", spaces, or "."/".." alone; give "image": PATH for a file elsewhere'
+        )
+    found, lookup = find_post_image(images_dir, iid)
+    return Post(iid, text, where, found, iid, lookup)
+
+
+def read_posts(path: str | os.PathLike, images_dir: str | os.PathLike | None) -> tuple[list[Post], list[str]]:
+    """Read a batch input file: CoNLL (tokens, IMGID) or JSON lines (``.jsonl``).
+
+    JSON lines hold ``{"text": "..."}`` (a string, or a list of strings) or
+    ``{"tokens": [...]}``, and optionally ``"image"`` (a file path, used as given) or
+    ``"image_id"`` (a file ``<id>.jpg``/``.jpeg``/``.png`` inside ``images_dir``; ids
+    follow the CoNLL IMGID rule, so they cannot name a path). Blank lines are skipped;
+    other keys are ignored.
+
+    A malformed JSON line (or CoNLL tweet) does not stop the others: it is returned as a
+    problem.
+
+    Returns:
+        ``(posts, problems)``: the posts to tag in file order, and one
+        ``FILE:LINE: what is wrong`` line per malformed input line.
+
+    Raises:
+        DataError: the file is missing or unreadable as a whole (not UTF-8, empty CoNLL).
+    """
     path = Path(path)
+    images = None if images_dir is None else Path(images_dir)
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass a .conll/.txt or .jsonl file")
-    texts, images, ids = [], [], []
-    if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not ("text" in rec or "tokens" in rec):
-                raise DataError(f"{path}:{n}: expected an object with \"text\" or \"tokens\"")
-            texts.append(rec.get("text", rec.get("tokens")))
-            img = rec.get("image")
-            iid = rec.get("image_id")
-            if img is None and iid is not None and images_dir is not None:
-                img = find_image(images_dir, str(iid))
-            images.append(Path(img) if img else None)
-            ids.append(str(iid if iid is not None else n))
-    else:
+    posts: list[Post] = []
+    problems: list[str] = []
+    if path.suffix != ".jsonl":
         from mner.data.conll import read_conll
 
-        for t in read_conll(path):
-            texts.append(list(t.tokens))
-            images.append(find_image(images_dir, t.image_id) if images_dir is not None else None)
-            ids.append(t.image_id)
-    return texts, images, ids
+        for t in read_conll(path, problems=problems):
+            found, lookup = find_post_image(images, t.image_id)
+            posts.append(Post(t.image_id, t.tokens, f"{path}:{t.line}", found, t.image_id, lookup))
+        return posts, problems
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc}); check the file's permissions") from None
+    # Only "\n" ends a line: JSON escapes every other line break inside strings.
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one object per line")
+            continue
+        try:
+            posts.append(_json_post(rec, n, where, images))
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    return posts, problems

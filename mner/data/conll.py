@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Collection, Iterable, Sequence
+import sys
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,26 @@ _IMGID = "IMGID:"
 # U+2028 that str.split() would treat as separators and str.splitlines() as line ends.
 _FIELDS = re.compile(r"[ \t]+")
 _ASCII_WS = " \t\r\f\v"
-_BAD_ID = re.compile(r"[\s/\\]|^\.{1,2}$")
+_BAD_ID = re.compile(r"[\s/\\\x00]|^\.{1,2}$")
+#: Duplicated IMGIDs warned about one line each per file; the rest are counted in one line.
+MAX_DUPLICATE_WARNINGS = 10
+
+
+def is_image_id(image_id: str) -> bool:
+    """Whether ``image_id`` names a file *inside* an image folder.
+
+    The one rule for every image id a user gives (CoNLL ``IMGID:`` lines, ``image_id`` of
+    ``mner predict``'s JSON lines): an id is a plain file-name stem, never a path, so
+    ``IMAGES/<id>.jpg`` cannot leave ``IMAGES``.
+
+    Args:
+        image_id: The id as written.
+
+    Returns:
+        False for an empty id, ``.`` or ``..``, or one holding whitespace, ``/``, ``\\``
+        or a NUL byte; True otherwise.
+    """
+    return bool(image_id) and not _BAD_ID.search(image_id)
 
 
 @dataclass(frozen=True)
@@ -83,6 +103,8 @@ def read_conll(
     strict: bool = False,
     map_other: bool = True,
     types: Collection[str] | None = KNOWN_TYPES,
+    warn: Callable[[str], None] | None = None,
+    problems: list[str] | None = None,
 ) -> list[Tweet]:
     """Read a Twitter-format CoNLL file (BIO2 or BIOES).
 
@@ -93,14 +115,24 @@ def read_conll(
             are read the way conlleval reads them (an ``I-X`` after ``O`` starts an entity).
         map_other: Rename the type ``OTHER`` (Twitter-2015) to ``MISC`` (Twitter-2017).
         types: Entity types accepted; ``None`` accepts any type name.
+        warn: Called with one ``warning: ...`` line per IMGID that appears twice in the
+            file (naming both lines; default: print to stderr). Two tweets of one split
+            sharing an image are read, not refused: the ids are the cache's row keys, so
+            they share one row of image features, which is right only when they really
+            share the image.
+        problems: When given, a malformed tweet does not stop the reading: its
+            ``FILE:LINE: what is wrong`` line is appended here, the tweet is left out and
+            the others are read (``mner predict`` tags the good ones). Problems of the
+            whole file (missing, empty, not UTF-8) still raise.
 
     Returns:
         The tweets in file order, labels in BIO2.
 
     Raises:
-        DataError: On an empty file, bytes that are not UTF-8, a token line without a
-            label, an unknown label, a tweet without an IMGID line, a bad IMGID, or (strict)
-            a malformed tag sequence. The message names the file and line.
+        DataError: On an empty file, bytes that are not UTF-8, or (without ``problems``)
+            a token line without a label, an unknown label, a tweet without an IMGID line,
+            a bad IMGID, or (strict) a malformed tag sequence. The message names the file
+            and line.
     """
     path = Path(path)
     try:
@@ -120,29 +152,77 @@ def read_conll(
             "token<TAB>label lines"
         )
 
-    blocks = _blocks(text, path)
+    # Collected here and added in line order, leaving the caller's earlier entries alone.
+    found: list[str] | None = None if problems is None else []
+    blocks = _blocks(text, path, found)
     # One scheme per file: a BIOES file is recognised by any E-/S- tag in it.
     scheme = detect_scheme([lab for _, _, rows in blocks for _, _, lab in rows])
     tweets = []
     for index, (image_id, id_line, rows) in enumerate(blocks):
-        tokens = tuple(tok for _, tok, _ in rows)
-        raw_labels = [lab for _, _, lab in rows]
-        for lineno, _, label in rows:
-            _check_label(label, types, path, lineno)
-        if strict:
-            problem = check(raw_labels, scheme)
-            if problem is not None:
-                pos, reason = problem
-                raise DataError(
-                    f"{path}:{rows[pos][0]}: {reason} (strict {scheme.upper()} reading); "
-                    "fix the tag or read without --strict to accept it as conlleval does"
-                )
-        spans = entities(raw_labels)
-        if map_other:
-            spans = [("MISC" if t == "OTHER" else t, s, e) for t, s, e in spans]
-        labels = tuple(from_entities(len(tokens), spans, "bio2"))
-        tweets.append(Tweet(image_id, tokens, labels, str(path), id_line, index))
+        try:
+            tweets.append(_tweet(path, index, image_id, id_line, rows, scheme, strict, map_other, types))
+        except DataError as exc:
+            if found is None:
+                raise
+            found.append(str(exc))
+    if problems is not None and found:
+        # every message starts with "FILE:LINE: "
+        problems.extend(sorted(found, key=lambda m: int(m[len(str(path)) + 1 :].split(":", 1)[0])))
+    _warn_duplicates(tweets, path, warn)
     return tweets
+
+
+def _warn_duplicates(tweets: Sequence[Tweet], path: Path, warn: Callable[[str], None] | None) -> None:
+    """One warning line per repeated IMGID (both lines), at most :data:`MAX_DUPLICATE_WARNINGS`."""
+    first: dict[str, int] = {}
+    lines = []
+    for tw in tweets:
+        if tw.image_id in first:
+            lines.append(
+                f"warning: {path}:{tw.line}: IMGID:{tw.image_id} already at line {first[tw.image_id]}; "
+                "both tweets get the same image (remove the duplicate or fix the id)"
+            )
+        else:
+            first[tw.image_id] = tw.line
+    if len(lines) > MAX_DUPLICATE_WARNINGS:
+        more = len(lines) - MAX_DUPLICATE_WARNINGS
+        lines = lines[:MAX_DUPLICATE_WARNINGS] + [
+            f"warning: {path}: {more} more duplicated IMGID(s) not listed ({len(lines)} in all)"
+        ]
+    emit = warn or (lambda m: print(m, file=sys.stderr))
+    for line in lines:
+        emit(line)
+
+
+def _tweet(
+    path: Path,
+    index: int,
+    image_id: str,
+    id_line: int,
+    rows: list[tuple[int, str, str]],
+    scheme: Scheme,
+    strict: bool,
+    map_other: bool,
+    types: Collection[str] | None,
+) -> Tweet:
+    """One block as a :class:`Tweet`, labels checked and converted to BIO2."""
+    tokens = tuple(tok for _, tok, _ in rows)
+    raw_labels = [lab for _, _, lab in rows]
+    for lineno, _, label in rows:
+        _check_label(label, types, path, lineno)
+    if strict:
+        problem = check(raw_labels, scheme)
+        if problem is not None:
+            pos, reason = problem
+            raise DataError(
+                f"{path}:{rows[pos][0]}: {reason} (strict {scheme.upper()} reading); "
+                "fix the tag or read without --strict to accept it as conlleval does"
+            )
+    spans = entities(raw_labels)
+    if map_other:
+        spans = [("MISC" if t == "OTHER" else t, s, e) for t, s, e in spans]
+    labels = tuple(from_entities(len(tokens), spans, "bio2"))
+    return Tweet(image_id, tokens, labels, str(path), id_line, index)
 
 
 def _decode(raw: bytes, path: Path) -> str:
@@ -158,52 +238,79 @@ def _decode(raw: bytes, path: Path) -> str:
         ) from None
 
 
-def _blocks(text: str, path: Path) -> list[tuple[str, int, list[tuple[int, str, str]]]]:
-    """Split the text into tweets: ``(image_id, id_line, [(line, token, label), ...])``."""
+def _blocks(
+    text: str, path: Path, problems: list[str] | None = None
+) -> list[tuple[str, int, list[tuple[int, str, str]]]]:
+    """Split the text into tweets: ``(image_id, id_line, [(line, token, label), ...])``.
+
+    With ``problems``, a malformed tweet is recorded there and left out (the rest of its
+    lines are skipped up to the next blank or IMGID line) instead of raising.
+    """
     blocks: list[tuple[str, int, list[tuple[int, str, str]]]] = []
     current: list[tuple[int, str, str]] | None = None
     in_tweet = False
+    skipping = False  # inside a tweet already reported as malformed
+
+    def fail(message: str) -> None:
+        nonlocal current, skipping
+        if problems is None:
+            raise DataError(message)
+        problems.append(message)
+        if current is not None and blocks and blocks[-1][2] is current:
+            blocks.pop()
+        current, skipping = None, True
+
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.strip(_ASCII_WS)
         if not line:
-            in_tweet = False
+            in_tweet = skipping = False
             continue
         fields = _FIELDS.split(line)
         if len(fields) == 1 and fields[0].startswith(_IMGID):
             # An IMGID line starts a tweet even without a blank line before it.
             image_id = fields[0][len(_IMGID) :]
-            if not image_id or _BAD_ID.search(image_id):
-                raise DataError(
+            in_tweet, skipping, current = True, False, None
+            if not is_image_id(image_id):
+                fail(
                     f"{path}:{lineno}: bad image id {image_id!r}; write IMGID:<id> with an id "
                     "such as 17_06_12483 (no spaces or slashes)"
                 )
+                continue
             current = []
             blocks.append((image_id, lineno, current))
-            in_tweet = True
+            continue
+        if skipping:
             continue
         if not in_tweet or current is None:
-            raise DataError(
+            fail(
                 f"{path}:{lineno}: tweet has no IMGID line; start each tweet with "
                 "IMGID:<id> after a blank line"
             )
-        if len(fields) == 1:
-            raise DataError(
+        elif len(fields) == 1:
+            fail(
                 f"{path}:{lineno}: token {fields[0]!r} has no label; write token<TAB>label, "
                 "e.g. 'Paris\tB-LOC' or 'the\tO'"
             )
-        if len(fields) > 2:
-            raise DataError(
+        elif len(fields) > 2:
+            fail(
                 f"{path}:{lineno}: expected 2 columns (token<TAB>label), found {len(fields)}; "
                 "tokens cannot contain spaces"
             )
-        current.append((lineno, fields[0], fields[1]))
+        else:
+            current.append((lineno, fields[0], fields[1]))
+    good = []
     for image_id, lineno, rows in blocks:
-        if not rows:
-            raise DataError(
-                f"{path}:{lineno}: tweet IMGID:{image_id} has no tokens; remove the IMGID line "
-                "or add its token<TAB>label lines"
-            )
-    return blocks
+        if rows:
+            good.append((image_id, lineno, rows))
+            continue
+        message = (
+            f"{path}:{lineno}: tweet IMGID:{image_id} has no tokens; remove the IMGID line "
+            "or add its token<TAB>label lines"
+        )
+        if problems is None:
+            raise DataError(message)
+        problems.append(message)
+    return good
 
 
 def _check_label(label: str, types: Collection[str] | None, path: Path, lineno: int) -> None:

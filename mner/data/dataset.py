@@ -10,7 +10,7 @@ Layout (what ``mner sample`` writes, and how Twitter-2015/2017 are laid out)::
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,7 @@ def load_splits(
     *,
     strict: bool = False,
     map_other: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, list[Tweet]]:
     """Read the splits of a dataset.
 
@@ -61,6 +62,8 @@ def load_splits(
             its stem, ``dev`` read as ``valid``).
         strict: See :func:`mner.data.conll.read_conll`.
         map_other: See :func:`mner.data.conll.read_conll`.
+        warn: Where a split's duplicated IMGIDs are reported, one line each (default:
+            stderr); see :func:`mner.data.conll.read_conll`.
 
     Returns:
         ``{split: tweets}`` with ``train``, ``valid``, ``test`` first, in that order.
@@ -95,7 +98,7 @@ def load_splits(
                 f"{f}: holds the {name} split, like {seen[name]}; pass one file per split"
             )
         seen[name] = f
-        out[name] = read_conll(f, strict=strict, map_other=map_other)
+        out[name] = read_conll(f, strict=strict, map_other=map_other, warn=warn)
     order = {s: i for i, s in enumerate(SPLITS)}
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 

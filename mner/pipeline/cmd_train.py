@@ -100,32 +100,68 @@ def predict(
     seed: Annotated[int | None, typer.Option("--seed", help="which seed (default: best on dev)")] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON lines")] = False,
+    strict_images: Annotated[
+        bool,
+        typer.Option("--strict-images", help="stop, before tagging anything, if any named image is not ok"),
+    ] = False,
 ) -> None:
-    """Print the entities (type, word span, characters) of new tweets."""
-    from mner.apps.predict import Predictor, read_inputs
+    """Print the entities (type, word span, characters) of new tweets.
+
+    Each post's image gets a status (``image_status`` in --json: ok, missing, truncated,
+    not_image, empty, too_large, unreadable, outside, or none when the post names no
+    image); a post whose image is not ok is tagged without it, with a warning line.
+    Malformed posts (JSON lines, CoNLL tweets) are listed at the end (exit 2) after the
+    others are tagged.
+    """
+    from mner.apps.predict import Post, Predictor, image_line, read_posts, tokenize
+    from mner.errors import DataError
 
     if (text is None) == (input_file is None):
         raise ConfigError("predict: pass either --text \"...\" [--image PATH] or --input FILE")
+    # A flag of the other mode would be ignored, and the posts tagged without the images meant.
+    if text is not None and images is not None:
+        raise ConfigError("predict: --images goes with --input; give --text its image with --image PATH")
+    if input_file is not None and image is not None:
+        raise ConfigError("predict: --image goes with --text; give --input's posts an \"image\" or "
+                          "\"image_id\" each (JSON lines), or --images DIR")
     if text is not None:
-        texts, paths, ids = [text], [image], ["text"]
+        if not tokenize(text)[0]:
+            raise ConfigError("--text has no words to tag; pass the tweet's text")
+        posts = [Post("text", text, "--text", image, None if image is None else str(image))]
+        problems: list[str] = []
     else:
         if images is None and (input_file.parent / "images").is_dir():
             images = input_file.parent / "images"
-        texts, paths, ids = read_inputs(input_file, images)
-    results = Predictor(run, seed=seed, device=device).predict(texts, paths)
-    for tid, t, ents in zip(ids, texts, results, strict=False):
+        posts, problems = read_posts(input_file, images)
+    predictor = Predictor(run, seed=seed, device=device) if posts else None
+    checks, warnings = predictor.check_posts(posts, strict=strict_images) if predictor else ([], [])
+    for line in warnings:
+        typer.echo(line, err=True)
+    results = predictor.tag(posts, checks) if predictor else []
+    for p, c, r in zip(posts, checks, results, strict=True):
+        if c.ok and not r.image.ok:  # decoded, then failed in the extractors
+            typer.echo(f"warning: {image_line(p, r.image)}; tagged without it", err=True)
+    for p, r in zip(posts, results, strict=True):
         if as_json:
-            typer.echo(json.dumps({"id": tid, "entities": ents}, ensure_ascii=False))
+            typer.echo(json.dumps({"id": p.id, "entities": r.entities, "image_status": r.image.status},
+                                  ensure_ascii=False))
             continue
         if text is None:
-            typer.echo(f"{tid}: {' '.join(t) if not isinstance(t, str) else t}")
-        for e in ents:
+            typer.echo(f"{p.id}: {' '.join(p.text) if not isinstance(p.text, str) else p.text}")
+        for e in r.entities:
             where = f"words {e['start']}-{e['end']}"
             if "char_start" in e:
                 where += f", chars {e['char_start']}-{e['char_end']}"
             typer.echo(f"  {e['type']:4} {e['text']!r} ({where})")
-        if not ents:
+        if not r.entities:
             typer.echo("  (no entities)")
+    if problems:
+        for line in problems:
+            typer.echo(f"error: {line}", err=True)
+        raise DataError(
+            f"{input_file}: {len(problems)} post(s) could not be read (listed above); "
+            f"the other {len(posts)} were tagged; fix those lines and run them again"
+        )
 
 
 def models() -> None:
