@@ -35,8 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from mner.devices import resolve_device  # noqa: E402
-from mner.extract.base import resolve_precision  # noqa: E402
+from mner.devices import (
+    resolve_device,  # noqa: E402
+    resolve_precision,  # noqa: E402
+)
 from mner.extract.config import ExtractConfig  # noqa: E402
 from mner.extract.dataset import ImageItems, collate  # noqa: E402
 from mner.extract.runner import IMAGE_SUFFIXES, build_extractors, run_batch  # noqa: E402

@@ -115,12 +115,13 @@ def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, ho
     """
     from transformers import get_linear_schedule_with_warmup
 
+    from mner.devices import resolve_precision
     from mner.train.config import make_train_config
     from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
-    from mner.train.trainer import build_model, make_optimizer, resolve_amp, train_epoch
+    from mner.train.trainer import build_model, make_optimizer, train_epoch
 
     cfg = make_train_config({"model": model_name, "profile": "tiny"}, list(overrides))
-    precision = resolve_amp(amp, device)
+    precision = resolve_precision(amp, device, what="--amp")
     needs = tuple(cfg.head_class().required_features(cfg.head_config()))
     tagset = TagSet("bio2")
     ids = [t.image_id for t in tweets]
@@ -178,8 +179,8 @@ def main() -> None:
 
     from mner.cache.reader import FeatureCache
     from mner.data.dataset import load_splits
+    from mner.devices import resolve_precision
     from mner.train import encoder as encoders
-    from mner.train.trainer import resolve_amp
 
     data, features = _setup_data(args)
     tweets = load_splits(data)["train"]
@@ -202,7 +203,7 @@ def main() -> None:
     base_cfg = BertConfig(vocab_size=max(len(tok), 30522))
     variants = {key: overrides for key, _, overrides in UMT_VARIANTS}
 
-    precision = resolve_amp(args.amp, device)
+    precision = resolve_precision(args.amp, device, what="--amp")
     # The same BERT-base bert_crf in float32, when --amp picked a lower precision: what
     # mixed precision buys, measured in this run.
     fp32_row = ("base_a_fp32",) if precision != "fp32" else ()

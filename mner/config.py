@@ -84,6 +84,14 @@ def build(cls: type[T], data: Mapping[str, Any] | None, *, where: str) -> T:
     """
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    # A config class may list options it renamed (old -> new) in a ``renamed_options``
+    # ClassVar: an old name (params file, a run folder's config.yaml, -o) is refused with
+    # its new name rather than as an unknown key.
+    renamed = getattr(cls, "renamed_options", None) or {}
+    old = sorted(k for k in data if k in renamed and k not in fields)
+    if old:
+        new = renamed[old[0]]
+        raise ConfigError(f"{where}: {old[0]} was renamed to {new}; write {new} instead of {old[0]}")
     _check_keys(data, fields, where)
     hints = typing.get_type_hints(cls)
     kwargs = {k: coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}

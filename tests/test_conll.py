@@ -252,7 +252,7 @@ def test_check_image_statuses(tmp_path):
     assert check_image(tmp_path / "ok.jpg", max_pixels=40 * 30 - 1) is ImageStatus.TOO_LARGE
     assert ImageStatus("unreadable") is ImageStatus.UNREADABLE and ImageStatus.OK == "ok"
     assert {s.value for s in ImageStatus} == {
-        "ok", "missing", "unreadable", "empty", "truncated", "too_large", "not_image",
+        "ok", "missing", "unreadable", "empty", "truncated", "too_large", "not_image", "outside",
     }  # fmt: skip
 
 

@@ -221,7 +221,11 @@ def route_head_options(over: dict[str, Any], base: dict[str, Any]) -> dict[str, 
     model = over.get("model", base.get("model", TrainConfig.model))
     from mner.train.heads.base import get_head
 
-    head_fields = {f.name for f in dataclasses.fields(get_head(model).Config)}
+    head_config = get_head(model).Config
+    # Renamed head options go on to the head's Config, whose build names the new name.
+    head_fields = {f.name for f in dataclasses.fields(head_config)} | set(
+        getattr(head_config, "renamed_options", {})
+    )
     unknown = sorted(set(bare) - head_fields)
     if unknown:
         raise ConfigError(
