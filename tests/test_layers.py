@@ -17,10 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Violations left in modules owned by others at the time the contracts were added
-# (extract/objects <-> detectron2_backend cycle, extract/runner -> h5py,
-# report/runs -> train.heads.base); strict=False so the fix makes this pass silently.
-@pytest.mark.xfail(strict=False, reason="import contracts still broken in extract/ and report/")
 def test_import_contracts_are_kept():
     pytest.importorskip("importlinter")
     proc = subprocess.run(

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import mner
 from mner.cache import schema
 from mner.cache.reader import holds_all, statuses_of, stored_root_attrs
 from mner.cache.writer import CacheWriter
@@ -56,6 +55,7 @@ from mner.extract.base import recorded_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
 from mner.extract.relations import RELATION_NAMES, relation_matrix
+from mner.provenance import mner_version
 
 #: Test hook: raise after this many flushed batches (simulates a killed run).
 FAIL_AFTER_ENV = "MNER_EXTRACT_FAIL_AFTER"
@@ -306,7 +306,7 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
 
         created = writer.root_attrs.get("created") or _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         writer.set_root_attrs({
-            "schema_version": schema.SCHEMA_VERSION, "mner_version": mner.__version__,
+            "schema_version": schema.SCHEMA_VERSION, "mner_version": mner_version(),
             "profile": cfg.profile, "seed": cfg.seed, "created": created,
             "library_versions": library_versions(),
             "extract_config": {**{k: v for k, v in to_dict(cfg).items()

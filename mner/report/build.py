@@ -28,6 +28,7 @@ from typing import Any
 
 from mner.errors import DataError
 from mner.locks import locked
+from mner.provenance import mner_version
 from mner.report import plots, tables
 from mner.report.config import ReportConfig
 from mner.report.runs import Run, assign_labels, load_runs, pool_runs, provenance_of
@@ -119,15 +120,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _mner_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mner")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def dataset_provenance(runs: Sequence[Run]) -> dict[str, Any]:
     """Provenance of one dataset's runs, with the inputs they share factored out.
 
@@ -178,7 +170,7 @@ def results_dict(
     return {
         "title": cfg.title,
         "generated": generated,
-        "mner_version": _mner_version(),
+        "mner_version": mner_version(),
         "split": cfg.split,
         "units": "percent; mean and sample std (ddof=1) over seeds",
         "datasets": {
@@ -211,7 +203,7 @@ def render_markdown(
     lines = [
         f"# {cfg.title}",
         "",
-        f"Generated {generated} by mner {_mner_version()} from {n_runs} run folder"
+        f"Generated {generated} by mner {mner_version()} from {n_runs} run folder"
         f"{'s' if n_runs != 1 else ''}; the folders of one experiment (dataset and data "
         "files, model, head options and training settings) are pooled into one row over "
         f"all their seeds. Entity-level (conlleval) scores on the {split} split, "

@@ -1,7 +1,8 @@
 """The papers' reported overall test F1 on Twitter-2015 and Twitter-2017.
 
-Source: ../shared/papers/README.md (BERT-CRF and UMT as quoted in the comparison
-tables of the five papers; the others from their own papers). Keys are the head
+Source: each paper's main results table (BERT-CRF and UMT as quoted in the comparison
+tables of the five papers; the others from their own papers); the papers are cited in
+docs/papers.md. Keys are the head
 registry names.
 """
 
