@@ -170,15 +170,17 @@ def profile_values(
     return recipe.values(key), name, key if key in recipe.datasets else None
 
 
-def differences(config: Mapping[str, Any]) -> list[str] | None:
+def differences(config: Mapping[str, Any], dataset: str | None = None) -> list[str] | None:
     """How a run's recorded config departs from its paper recipe.
 
     Args:
         config: a run's ``config.yaml`` as a mapping.
+        dataset: the run's dataset name when ``config`` has no ``dataset_name`` (the
+            report takes it from provenance.json).
 
     Returns:
         ``["batch_size 16 (paper 64)", ...]`` for the paper profile (empty: the
-        recipe as published), None for the tiny profile or an unknown model.
+        recipe as published), None for another profile or a model without a recipe.
     """
     if config.get("profile", "paper") != "paper":
         return None
@@ -191,10 +193,25 @@ def differences(config: Mapping[str, Any]) -> list[str] | None:
         return None
     if recipe is None:
         return None
-    key = dataset_key(config.get("dataset_name")) or (config.get("recipe") or {}).get("dataset")
+    key = dataset_key(config.get("dataset_name")) or dataset_key(dataset)
     out = []
     for k, paper in recipe.values(key).items():
         if k in config and config[k] is not None and config[k] != paper:
             out.append(f"{k} {_show(config[k])} (paper {_show(paper)})")
     return out
 
+
+def recipe_mark(config: Mapping[str, Any], dataset: str | None = None) -> str:
+    """The report's one-cell verdict on a run's settings against its paper recipe.
+
+    ``paper`` (every recipe value as published), ``differs: epochs 12 (paper 24), ...``,
+    ``tiny profile``, or ``–`` when it cannot be told (no config.yaml, unknown model).
+    """
+    if not config:
+        return "–"
+    if config.get("profile") == "tiny":
+        return "tiny profile"
+    diffs = differences(config, dataset)
+    if diffs is None:
+        return "–"
+    return "differs: " + ", ".join(diffs) if diffs else "paper"
