@@ -18,9 +18,9 @@ import yaml
 from mner.config import build, to_dict
 from mner.data.conll import read_conll
 from mner.train import encoder as encoders
-from mner.train.config import TrainConfig, make_train_config
+from mner.train.config import TrainConfig, make_train_config, recipe_mark
 from mner.train.heads.base import HEADS, get_head
-from mner.train.recipes import RECIPE_FIELDS, Recipe, dataset_key, recipe_mark
+from mner.train.recipes import RECIPE_FIELDS, Recipe, dataset_key
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,8 @@ class Run:
     @property
     def recipe(self) -> str:
         """``paper`` / ``differs: ...`` / ``tiny profile`` / ``–``: the run's settings
-        against its paper recipe, from config.yaml (see mner.train.recipes.recipe_mark)."""
-        from mner.train.recipes import recipe_mark
+        against its paper recipe, from config.yaml (see mner.train.config.recipe_mark)."""
+        from mner.train.config import recipe_mark
 
         return recipe_mark(self.config, self.dataset)
 

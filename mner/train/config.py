@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from mner.config import build, configure, merge, to_dict
 from mner.errors import ConfigError
-from mner.train.recipes import RECIPE_FIELDS, profile_values
+from mner.train.recipes import RECIPE_FIELDS, Recipe, dataset_key, mark, recipe_of
 
 #: The tiny profile's defaults (the paper profile's come from each head's recipe, see
 #: :mod:`mner.train.recipes`). Tiny values were tuned so that on the generated 300-tweet
@@ -142,9 +142,11 @@ class TrainConfig:
     recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        defaults, name, dataset = profile_values(
-            self.head_class(), self.profile, self.dataset_name, PROFILE_DEFAULTS["tiny"]
-        )
+        defaults, name, dataset = dict(PROFILE_DEFAULTS["tiny"]), "tiny", None
+        if self.profile == "paper":
+            name, recipe = paper_recipe(self.model)
+            key = dataset_key(self.dataset_name)
+            defaults, dataset = recipe.values(key), key if key in recipe.datasets else None
         user = [k for k in RECIPE_FIELDS if getattr(self, k) is not None]
         for key, value in defaults.items():
             if getattr(self, key) is None:
@@ -207,6 +209,35 @@ class TrainConfig:
     def is_tiny_encoder(self) -> bool:
         """True when the encoder is the seeded random small BERT."""
         return self.encoder == "tiny"
+
+
+def paper_recipe(model: str) -> tuple[str, Recipe]:
+    """``(name, recipe)``: the paper recipe ``--profile paper`` applies to ``model``.
+
+    A head that declares no recipe (a user's own) gets the BERT-CRF baseline's, and
+    ``name`` says so (``bert_crf``). ConfigError for an unknown model.
+    """
+    from mner.train.heads.base import get_head
+
+    cls = get_head(model)
+    if recipe_of(cls) is None:
+        cls = get_head("bert_crf")
+    return cls.name, cls.recipe
+
+
+def recipe_mark(config: Mapping[str, Any], dataset: str | None = None) -> str:
+    """A run's settings against its paper recipe, for the report: ``paper``,
+    ``differs: batch_size 16 (paper 64), ...``, ``tiny profile`` or ``–``.
+
+    Args:
+        config: the run's ``config.yaml`` as a mapping (values compared as recorded).
+        dataset: the run's dataset name when config.yaml has no ``dataset_name``.
+    """
+    try:
+        recipe = paper_recipe(str(config.get("model", TrainConfig.model)))[1] if config else None
+    except ConfigError:
+        recipe = None
+    return mark(recipe, config, dataset)
 
 
 def make_train_config(

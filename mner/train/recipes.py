@@ -1,10 +1,10 @@
 """Per-paper training recipes: how each paper fine-tuned its model.
 
 Each head declares its paper's recipe as a class attribute ``recipe`` (a
-:class:`Recipe`); ``--profile paper`` applies it (:func:`profile_values`), the tiny
-profile keeps its own test values (``PROFILE_DEFAULTS["tiny"]`` in
-:mod:`mner.train.config`), and any value the user sets (params.yaml, a flag, ``-o``)
-wins over both. Every value carries its source: the paper's section, the released
+:class:`Recipe`); ``--profile paper`` applies it (``TrainConfig`` in
+:mod:`mner.train.config`), the tiny profile keeps its own test values
+(``PROFILE_DEFAULTS["tiny"]`` there), and any value the user sets (params.yaml, a flag,
+``-o``) wins over both. Every value carries its source: the paper's section, the released
 code file, or "not given: ..." with what mner follows instead. ``mner models --recipe``
 prints them; docs/fidelity.md tabulates them.
 
@@ -141,58 +141,18 @@ def recipe_of(head_cls: type) -> Recipe | None:
     return recipe if isinstance(recipe, Recipe) else None
 
 
-def profile_values(
-    head_cls: type, profile: str, dataset_name: str | None, tiny: Mapping[str, Any]
-) -> tuple[dict[str, Any], str, str | None]:
-    """The defaults a profile gives a head, and what they are called in ``config.yaml``.
+def differences(recipe: Recipe, config: Mapping[str, Any], dataset: str | None = None) -> list[str]:
+    """How a run's recorded config departs from ``recipe``.
 
     Args:
-        head_cls: the registered head class.
-        profile: ``paper`` or ``tiny``.
-        dataset_name: ``train.dataset_name`` (or the data folder's name).
-        tiny: the tiny profile's defaults.
-
-    Returns:
-        ``(values, name, dataset)``: the values for the unset fields; ``name`` is the
-        head's name for its paper recipe (``bert_crf``'s for a head that declares none)
-        or ``"tiny"``; ``dataset`` is the :func:`dataset_key` whose per-dataset values
-        were used (None: none).
-    """
-    if profile == "tiny":
-        return dict(tiny), "tiny", None
-    recipe, name = recipe_of(head_cls), head_cls.name
-    if recipe is None:
-        from mner.train.heads.base import get_head
-
-        name = "bert_crf"
-        recipe = recipe_of(get_head(name))
-    key = dataset_key(dataset_name)
-    return recipe.values(key), name, key if key in recipe.datasets else None
-
-
-def differences(config: Mapping[str, Any], dataset: str | None = None) -> list[str] | None:
-    """How a run's recorded config departs from its paper recipe.
-
-    Args:
-        config: a run's ``config.yaml`` as a mapping.
+        recipe: the paper recipe of the run's model.
+        config: the run's ``config.yaml`` as a mapping.
         dataset: the run's dataset name when ``config`` has no ``dataset_name`` (the
             report takes it from provenance.json).
 
     Returns:
-        ``["batch_size 16 (paper 64)", ...]`` for the paper profile (empty: the
-        recipe as published), None for another profile or a model without a recipe.
+        ``["batch_size 16 (paper 64)", ...]``; empty: the recipe as published.
     """
-    if config.get("profile", "paper") != "paper":
-        return None
-    from mner.errors import ConfigError
-    from mner.train.heads.base import get_head
-
-    try:
-        recipe = recipe_of(get_head(str(config.get("model", "bert_crf"))))
-    except ConfigError:
-        return None
-    if recipe is None:
-        return None
     key = dataset_key(config.get("dataset_name")) or dataset_key(dataset)
     out = []
     for k, paper in recipe.values(key).items():
@@ -201,17 +161,17 @@ def differences(config: Mapping[str, Any], dataset: str | None = None) -> list[s
     return out
 
 
-def recipe_mark(config: Mapping[str, Any], dataset: str | None = None) -> str:
+def mark(recipe: Recipe | None, config: Mapping[str, Any], dataset: str | None = None) -> str:
     """The report's one-cell verdict on a run's settings against its paper recipe.
 
     ``paper`` (every recipe value as published), ``differs: epochs 12 (paper 24), ...``,
-    ``tiny profile``, or ``–`` when it cannot be told (no config.yaml, unknown model).
+    ``tiny profile``, or ``–`` when it cannot be told (no config.yaml, no recipe).
     """
     if not config:
         return "–"
     if config.get("profile") == "tiny":
         return "tiny profile"
-    diffs = differences(config, dataset)
-    if diffs is None:
+    if recipe is None:
         return "–"
+    diffs = differences(recipe, config, dataset)
     return "differs: " + ", ".join(diffs) if diffs else "paper"
