@@ -269,3 +269,17 @@ def test_report_marks_runs_that_differ_from_their_paper_recipe(tmp_path):
     rows = {r.run.model: tables.row_dict(r) for r in by_ds["twitter2015"].rows}
     assert (rows["maf"]["recipe"], rows["bfcl"]["recipe"]) == ("paper", "tiny profile")
     assert recipe_mark({}) == "–"
+
+
+def test_fidelity_doc_recipe_tables_match_the_recipes():
+    """docs/fidelity.md's "Training recipe" tables show what --profile paper applies."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "fidelity.md").read_text(encoding="utf-8")
+    get_head("bert_crf")
+    for name, cls in HEADS.items():
+        section = text.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+        part = section.split("### Training recipe", 1)[1].split("### Architecture", 1)[0]
+        cells = [line.strip("|").split("|") for line in part.splitlines() if line.startswith("| `")]
+        table = {c[0].strip().strip("`"): c[2].strip() for c in cells}
+        assert table == {key: value for key, value, _ in cls.recipe.rows()}, name
