@@ -101,6 +101,13 @@ def test_user_settings_win_over_the_recipe_and_are_recorded():
                           "user": ["batch_size", "epochs", "patience", "max_length"]}
 
 
+def test_recipe_record_is_not_a_setting():
+    from mner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recipe is the record mner writes to config.yaml"):
+        make_train_config({"model": "umt", "recipe": {"name": "maf"}})
+
+
 def test_tiny_profile_is_unchanged_and_says_so():
     cfg = make_train_config({"model": "maf", "profile": "tiny", "dataset_name": "twitter2017"})
     assert (cfg.encoder, cfg.epochs, cfg.batch_size, cfg.patience, cfg.lr_encoder, cfg.max_length,

@@ -154,6 +154,9 @@ class TrainConfig:
         if not self.recipe:
             # A config.yaml read back keeps its record (every field is set by then).
             object.__setattr__(self, "recipe", {"name": name, "dataset": dataset, "user": user})
+        elif set(self.recipe) != {"name", "dataset", "user"}:
+            raise ValueError("recipe is the record mner writes to config.yaml (name, dataset, user), "
+                             "not a setting; remove it and set the values themselves, e.g. epochs=24")
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         for key in ("epochs", "batch_size", "eval_batch_size", "bucket_size"):
