@@ -9,8 +9,10 @@ doi:10.18653/v1/N19-1423 (docs/papers.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.recipes import BEST_DEV, DEVLIN, Recipe
+from mner.train.heads.umt import UMTHead
 
 
 @register
@@ -18,19 +20,12 @@ class BertCrfHead(FusionHead):
     """Identity head: ``hidden`` (B, T, D) is returned as is, so ``out_dim == text_dim``."""
 
     name = "bert_crf"
-    recipe = Recipe(
-        "the BERT-CRF baseline of Yu et al. (2020, UMT), trained as UMT's released code "
-        "(jefferyYu/UMT) trains UMT; the papers give no recipe of their own for it",
-        encoder=("bert-base-cased", "UMT code run_mtmner_crf.sh: --bert_model=bert-base-cased"),
-        batch_size=(32, "UMT code run_mtmner_crf.sh: --train_batch_size=32"),
-        epochs=(24, "UMT code run_mtmner_crf.py: 24 epochs for twitter2015"),
-        patience=(0, "UMT code run_mtmner_crf.py: " + BEST_DEV),
-        lr_encoder=(5e-5, "UMT code run_mtmner_crf.py: --learning_rate 5e-5 for every parameter"),
-        lr_head=(5e-5, "UMT code run_mtmner_crf.py: --learning_rate 5e-5 for every parameter"),
-        warmup_ratio=(0.1, "UMT code run_mtmner_crf.py: --warmup_proportion 0.1"),
-        max_length=(128, "UMT code run_mtmner_crf.sh: --max_seq_length=128"),
-        dropout=(0.1, DEVLIN + " (BERT's hidden dropout 0.1)"),
-        datasets={"twitter2017": {"epochs": (22, "UMT code run_mtmner_crf.py: 22 epochs for twitter2017")}},
+    # No paper in the set says how its BERT-CRF row was trained: UMT's recipe, so that the
+    # baseline and UMT differ only in the fusion head.
+    recipe = dataclasses.replace(
+        UMTHead.recipe,
+        paper="the BERT-CRF baseline of Yu et al. (2020, UMT), trained as UMT's released code "
+        "jefferyYu/UMT trains UMT (sources: that code's files)",
     )
     summary = "text-only baseline: BERT + CRF, no image"
     needs = ()
