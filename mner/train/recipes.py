@@ -141,6 +141,25 @@ def recipe_of(head_cls: type) -> Recipe | None:
     return recipe if isinstance(recipe, Recipe) else None
 
 
+#: UMT's training recipe, from its released code (jefferyYu/UMT, run_mtmner_crf.py/.sh):
+#: ``umt`` trains with it, and so does ``bert_crf``, the text-only baseline of UMT's
+#: paper that no paper in the set gives a recipe for (baseline and UMT then differ only
+#: in the fusion head).
+UMT_CODE = Recipe(
+    "Yu et al. (2020), UMT: the values of its released code jefferyYu/UMT",
+    encoder=("bert-base-cased", "run_mtmner_crf.sh: --bert_model=bert-base-cased"),
+    batch_size=(32, "run_mtmner_crf.sh: --train_batch_size=32"),
+    epochs=(24, "run_mtmner_crf.py: 24 epochs for twitter2015"),
+    patience=(0, "run_mtmner_crf.py: " + BEST_DEV),
+    lr_encoder=(5e-5, "run_mtmner_crf.py: --learning_rate 5e-5 for every parameter"),
+    lr_head=(5e-5, "run_mtmner_crf.py: --learning_rate 5e-5 for every parameter"),
+    warmup_ratio=(0.1, "run_mtmner_crf.py: --warmup_proportion 0.1"),
+    max_length=(128, "run_mtmner_crf.sh: --max_seq_length=128"),
+    dropout=(0.1, DEVLIN + " (BERT's hidden dropout 0.1)"),
+    datasets={"twitter2017": {"epochs": (22, "run_mtmner_crf.py: 22 epochs for twitter2017")}},
+)
+
+
 def differences(recipe: Recipe, config: Mapping[str, Any], dataset: str | None = None) -> list[str]:
     """How a run's recorded config departs from ``recipe``.
 

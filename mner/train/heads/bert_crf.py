@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.heads.umt import UMTHead
+from mner.train.recipes import UMT_CODE
 
 
 @register
@@ -20,10 +20,10 @@ class BertCrfHead(FusionHead):
     """Identity head: ``hidden`` (B, T, D) is returned as is, so ``out_dim == text_dim``."""
 
     name = "bert_crf"
-    # No paper in the set says how its BERT-CRF row was trained: UMT's recipe, so that the
-    # baseline and UMT differ only in the fusion head.
+    # No paper in the set says how its BERT-CRF row was trained: UMT's code's recipe, so
+    # that the baseline and UMT differ only in the fusion head.
     recipe = dataclasses.replace(
-        UMTHead.recipe,
+        UMT_CODE,
         paper="the BERT-CRF baseline of Yu et al. (2020, UMT), trained as UMT's released code "
         "jefferyYu/UMT trains UMT (sources: that code's files)",
     )

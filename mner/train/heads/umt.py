@@ -71,7 +71,7 @@ from mner.train.heads.layers import (
     attention_heads,
     mean_gate,
 )
-from mner.train.recipes import BEST_DEV, DEVLIN, Recipe
+from mner.train.recipes import UMT_CODE
 
 # ---------------------------------------------------------------------------------------
 # Entity span detection (UMT's auxiliary text-only module).
@@ -202,19 +202,7 @@ class UMTHead(FusionHead):
     """UMT (Yu et al. 2020): multimodal transformer over the ResNet grid + ESD."""
 
     name = "umt"
-    recipe = Recipe(
-        "Yu et al. (2020), UMT: the values of its released code jefferyYu/UMT",
-        encoder=("bert-base-cased", "run_mtmner_crf.sh: --bert_model=bert-base-cased"),
-        batch_size=(32, "run_mtmner_crf.sh: --train_batch_size=32"),
-        epochs=(24, "run_mtmner_crf.py: 24 epochs for twitter2015"),
-        patience=(0, "run_mtmner_crf.py: " + BEST_DEV),
-        lr_encoder=(5e-5, "run_mtmner_crf.py: --learning_rate 5e-5 for every parameter"),
-        lr_head=(5e-5, "run_mtmner_crf.py: --learning_rate 5e-5 for every parameter"),
-        warmup_ratio=(0.1, "run_mtmner_crf.py: --warmup_proportion 0.1"),
-        max_length=(128, "run_mtmner_crf.sh: --max_seq_length=128"),
-        dropout=(0.1, DEVLIN + " (BERT's hidden dropout 0.1)"),
-        datasets={"twitter2017": {"epochs": (22, "run_mtmner_crf.py: 22 epochs for twitter2017")}},
-    )
+    recipe = UMT_CODE  # its released code's training recipe (mner.train.recipes)
     summary = "UMT (ACL'20): cross-modal transformer over the ResNet grid, visual gate, span detection"
     needs = ("resnet/grid",)
     default_scheme = "bio2"
