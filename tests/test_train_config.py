@@ -16,7 +16,7 @@ def test_profile_defaults_fill_unset_fields_only():
     paper = TrainConfig(profile="paper", epochs=3)
     assert paper.encoder == "bert-base-cased"
     assert paper.epochs == 3  # an explicit value wins over the profile
-    assert paper.lr_encoder == PROFILE_DEFAULTS["paper"]["lr_encoder"]
+    assert paper.lr_encoder == paper.head_class().recipe.lr_encoder[0]  # the head's paper recipe
 
 
 def test_config_round_trips_through_yaml():

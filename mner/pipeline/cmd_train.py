@@ -164,15 +164,34 @@ def predict(
         )
 
 
-def models() -> None:
-    """List the registered heads, one line each, with the cached features they read."""
+def models(
+    recipe: Annotated[bool, typer.Option("--recipe", help="also show each head's paper training recipe, with sources")] = False,
+    model: Annotated[str | None, typer.Option("--model", help="only this head")] = None,
+) -> None:
+    """List the registered heads, one line each, with the cached features they read.
+
+    ``--recipe`` adds under each head the training recipe ``--profile paper`` applies:
+    every value (per dataset where it differs) and where it comes from.
+    """
     from mner.train.heads.base import HEADS, get_head
+    from mner.train.recipes import recipe_of
 
     get_head("bert_crf")  # imports the heads package, which registers them all
-    for name in sorted(HEADS):
+    names = [get_head(model).name] if model is not None else sorted(HEADS)
+    for name in names:
         cls = HEADS[name]
         needs = list(cls.needs) + (["clip_text"] if cls.needs_text_teacher else [])
         typer.echo(f"{name:12} {cls.summary}  [features: {', '.join(needs) or 'none'}]")
+        if not recipe:
+            continue
+        r = recipe_of(cls) or recipe_of(get_head("bert_crf"))
+        typer.echo(f"  recipe ({'' if recipe_of(cls) else 'none declared; bert_crf: '}{r.paper}):")
+        rows = r.rows()
+        width = max(len(k) for k, _, _ in rows)
+        for key, value, source in rows:
+            typer.echo(f"    {key:{width}}  {value:17}  {source}")
+        for note in r.notes:
+            typer.echo(f"    note: {note}")
 
 
 def register(app: typer.Typer) -> None:

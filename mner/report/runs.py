@@ -45,10 +45,10 @@ from mner.train.runs import RunFolder, summarize_seeds
 log = logging.getLogger("mner.report")
 
 #: ``config.yaml`` keys that do not make two runs different experiments: the seeds
-#: (what pooling is over), where and how fast it ran, and the keys compared on their own
-#: (model, profile, dataset, head).
+#: (what pooling is over), where and how fast it ran, the keys compared on their own
+#: (model, profile, dataset, head) and the recipe record (who set the values compared).
 POOL_IGNORED_CONFIG: frozenset[str] = frozenset(
-    {"seeds", "device", "num_workers", "model", "profile", "dataset", "dataset_name", "head"}
+    {"seeds", "device", "num_workers", "model", "profile", "dataset", "dataset_name", "head", "recipe"}
 )
 
 
@@ -104,6 +104,14 @@ class Run:
         if not isinstance(head, Mapping):
             head = self.metrics.get("head")
         return dict(head) if isinstance(head, Mapping) else {}
+
+    @property
+    def recipe(self) -> str:
+        """``paper`` / ``differs: ...`` / ``tiny profile`` / ``–``: the run's settings
+        against its paper recipe, from config.yaml (see mner.train.config.recipe_mark)."""
+        from mner.train.config import recipe_mark
+
+        return recipe_mark(self.config, self.dataset)
 
     @property
     def profile(self) -> str | None:

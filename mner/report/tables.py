@@ -214,6 +214,9 @@ def columns(table: Table) -> list[tuple[str, str]]:
     if table.has_image_dependent:
         cols.append(("image_dependent_f1", "img-dep F1"))
     cols += [("seconds_per_epoch", "s/epoch"), ("seeds", "seeds")]
+    # Settings against the paper recipe, when a row trained with the paper profile.
+    if any(r.run.recipe not in ("tiny profile", "–") for r in table.rows):
+        cols.append(("recipe", "recipe"))
     return cols
 
 
@@ -231,6 +234,8 @@ def markdown_table(table: Table, digits: int = 2) -> str:
                 cells.append(row.label.replace("|", "\\|"))
             elif key == "paper_f1":
                 cells.append(f"{row.paper_f1:.2f}" if row.paper_f1 is not None else "–")
+            elif key == "recipe":
+                cells.append(row.run.recipe.replace("|", "\\|"))
             elif key == "seeds":
                 f1 = row.stats.get("f1")
                 cells.append(str(f1.n) if f1 else str(len(row.run.metrics.get("seeds") or [])))
@@ -250,6 +255,7 @@ def row_dict(row: Row) -> dict[str, Any]:
         "label": row.label,
         "scores": {k: (v.to_dict() if v is not None else None) for k, v in row.stats.items()},
         "paper_f1": row.paper_f1,
+        "recipe": row.run.recipe,
         "per_seed": row.per_seed,
     }
 

@@ -1,10 +1,13 @@
 """``TrainConfig``: the one frozen config of stage two (section ``train`` of params.yaml).
 
-Defaults that depend on the profile (``paper``: the papers' fine-tuning recipe on a
-pretrained ``bert-base-cased``; ``tiny``: a seeded random small BERT tuned so the test
-suite and the demo learn the sample data in seconds) live in :data:`PROFILE_DEFAULTS`.
-A field left at ``None`` takes its profile's value when the config is built, so
-``config.yaml`` in a run folder always shows the values actually used.
+Defaults that depend on the profile: ``paper`` applies the selected head's paper recipe
+(its ``recipe`` class attribute, see :mod:`mner.train.recipes`: encoder, batch size,
+epochs, learning rates, warmup, max length, dropout, per dataset where the paper or its
+code differs); ``tiny`` (a seeded random small BERT tuned so the test suite and the demo
+learn the sample data in seconds) takes :data:`PROFILE_DEFAULTS`. A field left at
+``None`` takes its profile's value when the config is built, so ``config.yaml`` in a run
+folder always shows the values actually used, and its ``recipe`` record says which
+recipe filled them and which of them the user set.
 
 Head options live in ``head`` (a mapping validated against the head's own ``Config``
 dataclass and stored with its defaults filled in). On the command line they are set as
@@ -22,21 +25,13 @@ from typing import Any, Literal
 
 from mner.config import build, configure, merge, to_dict
 from mner.errors import ConfigError
+from mner.train.recipes import RECIPE_FIELDS, Recipe, dataset_key, mark, recipe_of
 
-#: The one place profile-dependent defaults live. Paper values follow the UMT/MAF
-#: fine-tuning recipes (BERT-base, lr 5e-5, batch 16, linear warmup 10%); tiny values
-#: were tuned so that on the generated 300-tweet sample a multimodal head clearly
-#: beats the text-only baseline within a few CPU seconds per epoch.
+#: The tiny profile's defaults (the paper profile's come from each head's recipe, see
+#: :mod:`mner.train.recipes`). Tiny values were tuned so that on the generated 300-tweet
+#: sample a multimodal head clearly beats the text-only baseline within a few CPU
+#: seconds per epoch.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "encoder": "bert-base-cased",
-        "epochs": 30,
-        "batch_size": 16,
-        "lr_encoder": 5e-5,
-        "lr_head": 5e-5,
-        "warmup_ratio": 0.1,
-        "patience": 5,
-    },
     "tiny": {
         "encoder": "tiny",
         "epochs": 12,
@@ -45,8 +40,11 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr_head": 1e-3,
         "warmup_ratio": 0.1,
         "patience": 6,
+        "max_length": 128,
+        "dropout": 0.1,
     },
 }
+
 
 #: Size of the seeded random BERT built for ``encoder: tiny``.
 TINY_BERT = {
@@ -67,6 +65,8 @@ class TrainConfig:
         profile: ``paper`` or ``tiny``; must match the feature cache's profile.
         encoder: Hugging Face model name or local folder, or ``tiny`` for a seeded
             random small BERT with a WordPiece tokenizer trained on the training text.
+            An uncased encoder (HamLearning's ``bert-base-uncased``) lower-cases through
+            its own tokenizer.
         max_length: maximum sub-tokens per window, [CLS] and [SEP] included; longer
             sentences are split into consecutive windows at word boundaries.
         scheme: tagging scheme the CRF learns: ``auto`` (the head's default), ``bio2``
@@ -79,7 +79,9 @@ class TrainConfig:
         weight_decay: AdamW weight decay (not applied to biases and LayerNorm).
         warmup_ratio: fraction of the total steps with linear warmup.
         grad_clip: max gradient norm (0 disables clipping).
-        patience: stop after this many epochs without a better dev F1 (0 disables).
+        patience: stop after this many epochs without a better dev F1; 0 trains every
+            epoch (the paper recipes: the papers test the best dev epoch of a fixed
+            number). Either way the model kept is the best dev epoch's.
         dropout: dropout before the emission layer.
         seeds: one run per seed, in ``RUN/seed_<k>/``.
         deterministic: deterministic algorithms and cuBLAS workspace config.
@@ -95,16 +97,27 @@ class TrainConfig:
         bucket_size: length bucketing: sort windows by length within chunks of
             ``bucket_size * batch_size`` before cutting batches, so padding is small.
         dataset_name: name recorded in provenance.json; default the data folder's name.
+            With the paper profile it also picks the recipe's per-dataset values
+            (``twitter2015`` / ``twitter2017``, see :func:`mner.train.recipes.dataset_key`);
+            when unset, ``mner train`` fills it with the data folder's name.
         min_image_coverage: a model that reads visual features stops before training
             when fewer than this share of the train tweets have an ``ok`` image in the
             cache (a cache made for another dataset); 0 disables the check.
         head: the head's options (its ``Config`` fields), filled with defaults.
+        recipe: written by mner, not a setting: ``name`` (the head whose paper recipe
+            filled the unset fields, or ``tiny``), ``dataset`` (whose per-dataset values
+            applied; null for none) and ``user`` (the recipe fields the user set, whose
+            values won). A config.yaml read back keeps its record.
+
+    Fields a recipe sets (``encoder``, ``batch_size``, ``epochs``, ``patience``,
+    ``lr_encoder``, ``lr_head``, ``warmup_ratio``, ``max_length``, ``dropout``) are
+    ``None`` until the profile fills them.
     """
 
     model: str = "bert_crf"
     profile: Literal["paper", "tiny"] = "paper"
     encoder: str | None = None
-    max_length: int = 128
+    max_length: int | None = None
     scheme: Literal["auto", "bio2", "bioes"] = "auto"
     epochs: int | None = None
     batch_size: int | None = None
@@ -115,7 +128,7 @@ class TrainConfig:
     warmup_ratio: float | None = None
     grad_clip: float = 1.0
     patience: int | None = None
-    dropout: float = 0.1
+    dropout: float | None = None
     seeds: tuple[int, ...] = (1,)
     deterministic: bool = True
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
@@ -126,11 +139,24 @@ class TrainConfig:
     dataset_name: str | None = None
     min_image_coverage: float = 0.5
     head: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for key, value in PROFILE_DEFAULTS[self.profile].items():
+        defaults, name, dataset = dict(PROFILE_DEFAULTS["tiny"]), "tiny", None
+        if self.profile == "paper":
+            name, recipe = paper_recipe(self.model)
+            key = dataset_key(self.dataset_name)
+            defaults, dataset = recipe.values(key), key if key in recipe.datasets else None
+        user = [k for k in RECIPE_FIELDS if getattr(self, k) is not None]
+        for key, value in defaults.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
+        if not self.recipe:
+            # A config.yaml read back keeps its record (every field is set by then).
+            object.__setattr__(self, "recipe", {"name": name, "dataset": dataset, "user": user})
+        elif set(self.recipe) != {"name", "dataset", "user"}:
+            raise ValueError("recipe is the record mner writes to config.yaml (name, dataset, user), "
+                             "not a setting; remove it and set the values themselves, e.g. epochs=24")
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         for key in ("epochs", "batch_size", "eval_batch_size", "bucket_size"):
@@ -167,10 +193,54 @@ class TrainConfig:
         """``bio2`` or ``bioes``: the scheme the CRF is trained on."""
         return self.head_class().default_scheme if self.scheme == "auto" else self.scheme
 
+    def for_dataset(self, name: str | None) -> TrainConfig:
+        """This config for training on data named ``name`` (the data folder's name).
+
+        With the paper profile and no ``dataset_name`` set, the config is rebuilt with
+        ``dataset_name=name`` so the recipe's per-dataset values apply (the values the
+        user set still win); otherwise it is returned unchanged.
+        """
+        if self.profile != "paper" or self.dataset_name is not None or not name:
+            return self
+        values = to_dict(self)
+        user = set(self.recipe.get("user", RECIPE_FIELDS))
+        values.update({k: None for k in RECIPE_FIELDS if k not in user})
+        values.update(dataset_name=name, recipe={})
+        return build(TrainConfig, values, where="train")
+
     @property
     def is_tiny_encoder(self) -> bool:
         """True when the encoder is the seeded random small BERT."""
         return self.encoder == "tiny"
+
+
+def paper_recipe(model: str) -> tuple[str, Recipe]:
+    """``(name, recipe)``: the paper recipe ``--profile paper`` applies to ``model``.
+
+    A head that declares no recipe (a user's own) gets the BERT-CRF baseline's, and
+    ``name`` says so (``bert_crf``). ConfigError for an unknown model.
+    """
+    from mner.train.heads.base import get_head
+
+    cls = get_head(model)
+    if recipe_of(cls) is None:
+        cls = get_head("bert_crf")
+    return cls.name, cls.recipe
+
+
+def recipe_mark(config: Mapping[str, Any], dataset: str | None = None) -> str:
+    """A run's settings against its paper recipe, for the report: ``paper``,
+    ``differs: batch_size 16 (paper 64), ...``, ``tiny profile`` or ``–``.
+
+    Args:
+        config: the run's ``config.yaml`` as a mapping (values compared as recorded).
+        dataset: the run's dataset name when config.yaml has no ``dataset_name``.
+    """
+    try:
+        recipe = paper_recipe(str(config.get("model", TrainConfig.model)))[1] if config else None
+    except ConfigError:
+        recipe = None
+    return mark(recipe, config, dataset)
 
 
 def make_train_config(

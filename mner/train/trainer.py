@@ -487,6 +487,8 @@ def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: b
             raise DataError(f"{data}: no {need} split (train.txt and valid.txt or dev.txt are needed)")
     cache, needs = open_cache(cfg, features)
     data_dir = Path(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else Path(splits["train"][0].source).parent
+    # The paper recipe's per-dataset values: the data folder's name when dataset_name is unset.
+    cfg = cfg.for_dataset(data_dir.resolve().name)
     coverage = None
     if cache is not None and needs:
         coverage = image_coverage(cache, splits)
@@ -536,7 +538,8 @@ def _prepare_out(cfg: TrainConfig, folder: RunFolder, resume: bool, overwrite: b
         new = to_dict(cfg)
         # A setting added after the run was written is not a difference when at its default.
         defaults = to_dict(TrainConfig(model=cfg.model, profile=cfg.profile))
-        diff = next((k for k in new if old.get(k, defaults.get(k)) != new[k]), None)
+        # The recipe record says who set the values; the values themselves are compared.
+        diff = next((k for k in new if k != "recipe" and old.get(k, defaults.get(k)) != new[k]), None)
         if diff is not None:
             raise ConfigError(
                 f"{folder.config}: --resume with a different config ({diff}: {old.get(diff)!r} before, "

@@ -10,6 +10,8 @@ fusion parameters. A head declares:
 
 * ``name``: the registry key (``mner train --model NAME``);
 * ``summary``: one line for ``mner models``;
+* ``recipe``: its paper's training recipe (a ``mner.train.recipes.Recipe``), which
+  ``--profile paper`` applies;
 * ``needs``: the cached datasets it reads, as ``"group/dataset"`` names from
   ``mner.cache.schema`` (e.g. ``"resnet/grid"``); the trainer checks the cache has them
   and passes them in :attr:`HeadInput.visual` under the same keys;
@@ -34,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -154,6 +156,8 @@ class FusionHead(nn.Module):
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    #: The paper's training recipe (``mner.train.recipes.Recipe``); None: bert_crf's.
+    recipe: ClassVar[Any] = None
     needs: ClassVar[tuple[str, ...]] = ()
     needs_text_teacher: ClassVar[bool] = False
     default_scheme: ClassVar[str] = "bio2"

@@ -9,7 +9,10 @@ doi:10.18653/v1/N19-1423 (docs/papers.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
+from mner.train.recipes import UMT_CODE
 
 
 @register
@@ -17,6 +20,13 @@ class BertCrfHead(FusionHead):
     """Identity head: ``hidden`` (B, T, D) is returned as is, so ``out_dim == text_dim``."""
 
     name = "bert_crf"
+    # No paper in the set says how its BERT-CRF row was trained: UMT's code's recipe, so
+    # that the baseline and UMT differ only in the fusion head.
+    recipe = dataclasses.replace(
+        UMT_CODE,
+        paper="the BERT-CRF baseline of Yu et al. (2020, UMT), trained as UMT's released code "
+        "jefferyYu/UMT trains UMT (sources: that code's files)",
+    )
     summary = "text-only baseline: BERT + CRF, no image"
     needs = ()
 

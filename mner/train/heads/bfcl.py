@@ -85,6 +85,7 @@ from mner.train.heads.layers import (
     replace_missing,
 )
 from mner.train.losses import info_nce
+from mner.train.recipes import BEST_DEV, DEVLIN, Recipe
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,19 @@ class BfclHead(FusionHead):
     """
 
     name = "bfcl"
+    recipe = Recipe(
+        "Wang et al. (2023), BFCL, sections 4.1.3 and 4.5",
+        encoder=("bert-base-cased", "sec. 4.1.3: pre-trained BERT-base; casing not given: cased, as UMT"),
+        batch_size=(16, "sec. 4.1.3: batch size 16"),
+        epochs=(30, "sec. 4.5: trained 30 epochs, the best dev model is tested"),
+        patience=(0, "sec. 4.5: " + BEST_DEV),
+        lr_encoder=(5e-5, "sec. 4.1.3: learning rate 5e-5"),
+        lr_head=(5e-5, "sec. 4.1.3: learning rate 5e-5 (one rate given)"),
+        warmup_ratio=(0.1, DEVLIN),
+        max_length=(128, "sec. 4.1.3: maximum text length 128"),
+        dropout=(0.1, "sec. 4.1.3: dropout rate 0.1"),
+        notes=("Table 2 reports the mean of 3 runs: train with --seeds 1,2,3",),
+    )
     summary = "BFCL (IEICE'23): co-attention, bottleneck-token fusion, image-text contrastive"
     needs = ("resnet/grid",)
     default_scheme = "bio2"

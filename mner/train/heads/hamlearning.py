@@ -96,6 +96,7 @@ from mner.train.heads.layers import (
     masked_mean,
     replace_missing,
 )
+from mner.train.recipes import BEST_DEV, DEVLIN, Recipe
 
 RESNET = "resnet/pooled"
 OBJ_FEATURES = "objects/features"
@@ -293,6 +294,19 @@ class HamLearning(FusionHead):
     relevance-scaled global/local fusion, and L rounds of cross-modal Transformers."""
 
     name = "hamlearning"
+    recipe = Recipe(
+        "Liu et al. (2024), HamLearning, Implementation Details",
+        encoder=("bert-base-uncased", "Implementation Details: the uncased BERT-base"),
+        batch_size=(32, "Implementation Details: batch size 32 for training"),
+        epochs=(60, "Implementation Details: 60 epochs"),
+        patience=(0, "not given: " + BEST_DEV),
+        lr_encoder=(3e-5, "Implementation Details: learning rate 3e-5"),
+        lr_head=(3e-5, "Implementation Details: learning rate 3e-5 (one rate given)"),
+        warmup_ratio=(0.1, DEVLIN),
+        max_length=(128, "Implementation Details: maximum input length 128"),
+        dropout=(0.1, "Implementation Details: dropout rate 0.1"),
+        notes=("the same hyperparameters for both datasets (Implementation Details)",),
+    )
     summary = ("HamLearning (Liu et al. 2024): ViT + gated R-GCN over objects, "
                "sentence-image relevance, iterative cross-modal Transformer")
     needs = (RESNET, OBJ_FEATURES, OBJ_BOXES, OBJ_LABELS, RELATIONS)

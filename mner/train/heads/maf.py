@@ -73,6 +73,7 @@ from mner.errors import ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
 from mner.train.heads.layers import CrossModalLayer, attention_heads, masked_mean
 from mner.train.losses import info_nce
+from mner.train.recipes import BEST_DEV, DEVLIN, Recipe
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,20 @@ class MafHead(FusionHead):
     """
 
     name = "maf"
+    recipe = Recipe(
+        "Xu et al. (2022), MAF, section 4.3; released code xubodhu/MAF",
+        encoder=("bert-base-cased", "sec. 4.3: BERT-base; run_gate_cl.py: --bert_model bert-base-cased"),
+        batch_size=(64, "sec. 4.3: batch size N is 64 (the alignment's negatives come from the batch)"),
+        epochs=(24, "sec. 4.3: 24 epochs; run_gate_cl.py: 24 for twitter2015"),
+        patience=(0, "run_gate_cl.py: " + BEST_DEV),
+        lr_encoder=(5e-5, "sec. 4.3: learning rate 5e-5 in the entire network"),
+        lr_head=(5e-5, "sec. 4.3: learning rate 5e-5 in the entire network"),
+        warmup_ratio=(0.1, "not given in the paper: run_gate_cl.py --warmup_proportion 0.1"),
+        max_length=(128, "sec. 4.3: maximum length of the input text 128"),
+        dropout=(0.1, DEVLIN + " (BERT's hidden dropout 0.1)"),
+        datasets={"twitter2017": {"epochs": (
+            23, "run_gate_cl.py: 23 epochs for twitter2017 (the paper's sec. 4.3 says 24 for both)")}},
+    )
     summary = "MAF (WSDM'22): contrastive alignment, token-region attention, matching, gate"
     needs = ("resnet/grid", "resnet/pooled")
     default_scheme = "bioes"

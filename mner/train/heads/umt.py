@@ -71,6 +71,7 @@ from mner.train.heads.layers import (
     attention_heads,
     mean_gate,
 )
+from mner.train.recipes import UMT_CODE
 
 # ---------------------------------------------------------------------------------------
 # Entity span detection (UMT's auxiliary text-only module).
@@ -201,6 +202,7 @@ class UMTHead(FusionHead):
     """UMT (Yu et al. 2020): multimodal transformer over the ResNet grid + ESD."""
 
     name = "umt"
+    recipe = UMT_CODE  # its released code's training recipe (mner.train.recipes)
     summary = "UMT (ACL'20): cross-modal transformer over the ResNet grid, visual gate, span detection"
     needs = ("resnet/grid",)
     default_scheme = "bio2"
