@@ -153,3 +153,32 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path):
         == f"error: {bad}:2: token 'hello' has no label; write token<TAB>label, e.g. 'Paris\tB-LOC' or 'the\tO'\n"
     )
     assert res.stdout == ""
+
+
+def test_data_stats_counts_i_starts_and_b_only(tmp_path):
+    # Twitter-2015 has entities that begin with I- (an I-X after O): conlleval counts them,
+    # the papers' Table 1 (B- tags only) does not. Both numbers must be visible.
+    p = tmp_path / "train.txt"
+    p.write_text(
+        "IMGID:1\nNew\tI-LOC\nYork\tI-LOC\nis\tO\nBob\tB-PER\nSmith\tI-PER\n\n"
+        "IMGID:2\nthe\tO\nFIFA\tI-ORG\nand\tO\nAnn\tI-PER\nLee\tB-PER\n\n",
+        encoding="utf-8",
+    )
+    doc = json.loads(invoke("data", "stats", p, "--json").output)
+    (f,) = doc["files"]
+    # conlleval: New York, Bob Smith, FIFA, Ann, Lee = 5 entities; 3 of them begin with I-.
+    assert f["entities"] == {"PER": 3, "LOC": 1, "ORG": 1, "MISC": 0}
+    assert f["i_starts"] == {"PER": 1, "LOC": 1, "ORG": 1, "MISC": 0}
+    assert f["b_only"] == {"PER": 2, "LOC": 0, "ORG": 0, "MISC": 0}
+    assert (f["total"], f["total_i_starts"], f["total_b_only"]) == (5, 3, 2)
+    out = invoke("data", "stats", p).output
+    assert "the papers' Table 1 counts B- tags only" in out
+    assert "train: 3 begin with I-; B- only: PER 2, LOC 0, ORG 0, MISC 0, total 2" in out
+
+
+def test_data_stats_sample_has_no_i_starts(sample_dir):
+    # The generated sample writes B- for every entity start: both counts agree.
+    doc = json.loads(invoke("data", "stats", sample_dir, "--json").output)
+    for f in doc["files"]:
+        assert f["total_i_starts"] == 0
+        assert f["b_only"] == f["entities"]

@@ -71,6 +71,12 @@ def test_repro_writes_a_report_listing_every_model(repro):
     for model in models:
         assert 0.0 <= metrics["sample"][model]["f1"] <= 100.0
     assert (work / "reports" / "dev_f1.csv").read_text().startswith("model,epoch,dev_f1")
+    # the significance tests against bert_crf and the case-study page and figure
+    assert "### Significance against bert_crf (test split)" in md
+    sig = results["datasets"]["sample"]["significance"]
+    assert {r["label"] for r in sig["rows"]} == set(models) - {"bert_crf"}
+    assert (work / "reports" / "cases.html").read_text().count('class="case"') == 16
+    assert (work / "reports" / "cases.png").read_bytes()[:4] == b"\x89PNG"
     # every run folder and the cache exist where dvc.yaml says
     assert (work / "cache" / "sample.h5").is_file()
     for model in models:

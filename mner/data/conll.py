@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mner.data.schemes import Scheme, check, detect_scheme, entities, from_entities, split_label
@@ -72,6 +72,8 @@ class Tweet:
         source: The file it was read from, for error messages.
         line: 1-based line of its IMGID line.
         index: 0-based position of the tweet in its file.
+        file_labels: (T,) the labels as written in the file (scheme, ``OTHER`` and
+            ``I-`` starts kept), for statistics that count tags rather than entities.
     """
 
     image_id: str
@@ -80,6 +82,7 @@ class Tweet:
     source: str = ""
     line: int = 0
     index: int = 0
+    file_labels: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -222,7 +225,7 @@ def _tweet(
     if map_other:
         spans = [("MISC" if t == "OTHER" else t, s, e) for t, s, e in spans]
     labels = tuple(from_entities(len(tokens), spans, "bio2"))
-    return Tweet(image_id, tokens, labels, str(path), id_line, index)
+    return Tweet(image_id, tokens, labels, str(path), id_line, index, tuple(raw_labels))
 
 
 def _decode(raw: bytes, path: Path) -> str:

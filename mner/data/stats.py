@@ -2,6 +2,11 @@
 
 Per file: tweets, tokens, and entities per type (PER LOC ORG MISC, then any other type),
 and optionally how many of the tweets' images are present, missing or unreadable.
+
+Entities are read as conlleval (and every scorer of the field) reads them: an ``I-X``
+after ``O`` or after another type starts an entity. The papers' Table 1 counts ``B-``
+tags only, so on data with such ``I-`` starts (Twitter-2015 has them) the two counts
+differ; both are kept (``entities`` and ``b_only``, with ``i_starts`` the difference).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ class FileStats:
             last being every file that exists but cannot be decoded), or None when no
             images folder was given.
         image_problems: The unreadable count broken down by status (empty, truncated, ...).
+        i_starts: Entities per type whose first tag is ``I-`` (an ``I-X`` after ``O`` or
+            after another type): conlleval counts them, a ``B-``-only count does not.
+        b_only: ``B-`` tags per type (``S-`` too for BIOES files), the count the papers'
+            Table 1 reports.
     """
 
     split: str
@@ -43,16 +52,30 @@ class FileStats:
     other_as_misc: int = 0
     images: dict[str, int] | None = None
     image_problems: dict[str, int] = field(default_factory=dict)
+    i_starts: dict[str, int] = field(default_factory=dict)
+    b_only: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         """All entities."""
         return sum(self.entities.values())
 
+    @property
+    def total_i_starts(self) -> int:
+        """Entities that begin with ``I-``."""
+        return sum(self.i_starts.values())
+
+    @property
+    def total_b_only(self) -> int:
+        """``B-`` (and ``S-``) tags: the papers' Table 1 total."""
+        return sum(self.b_only.values())
+
     def to_dict(self) -> dict:
         """JSON-ready dict, with ``total`` added."""
         d = asdict(self)
         d["total"] = self.total
+        d["total_i_starts"] = self.total_i_starts
+        d["total_b_only"] = self.total_b_only
         return d
 
 
@@ -80,12 +103,23 @@ def file_stats(
     """
     tweets = read_conll(path, strict=strict, map_other=False)
     counts: Counter[str] = Counter()
+    i_starts: Counter[str] = Counter()
+    b_tags: Counter[str] = Counter()
     for tw in tweets:
-        counts.update(t for t, _, _ in entities(tw.labels))
+        raw = tw.file_labels or tw.labels
+        for typ, start, _ in entities(raw):
+            counts[typ] += 1
+            if not raw[start].startswith(("B-", "S-")):
+                i_starts[typ] += 1
+        b_tags.update(lab[2:] for lab in raw if lab[:2] in ("B-", "S-"))
     other = counts.pop("OTHER", 0) if map_other else 0
     counts["MISC"] += other
+    if map_other:
+        i_starts["MISC"] += i_starts.pop("OTHER", 0)
+        b_tags["MISC"] += b_tags.pop("OTHER", 0)
     extra = sorted(set(counts) - set(TYPES))
-    ents = {t: counts.get(t, 0) for t in (*TYPES, *extra)}
+    types = (*TYPES, *extra)
+    ents = {t: counts.get(t, 0) for t in types}
     img_counts = None
     problems: Counter[str] = Counter()
     if images is not None:
@@ -116,6 +150,8 @@ def file_stats(
         other_as_misc=other,
         images=img_counts,
         image_problems=dict(sorted(problems.items())),
+        i_starts={t: i_starts.get(t, 0) for t in types},
+        b_only={t: b_tags.get(t, 0) for t in types},
     )
 
 

@@ -126,6 +126,17 @@ def stats(
         console.print(
             f"OTHER entities are counted as MISC ({other} mapped); --keep-other keeps them apart."
         )
+    # conlleval starts an entity at an I-X after O; the papers' Table 1 counts B- tags only.
+    # Both numbers are printed, so a count above the paper's explains itself.
+    console.print(
+        "Entities are counted as conlleval reads them (an I-X after O starts one); the papers' "
+        "Table 1 counts B- tags only:"
+    )
+    for name, r in zip(names, rows, strict=True):
+        b_only = ", ".join(f"{t} {r.b_only.get(t, 0)}" for t in types)
+        console.print(
+            f"  {name}: {r.total_i_starts} begin with I-; B- only: {b_only}, total {r.total_b_only}"
+        )
     for r in rows:
         if r.image_problems:
             detail = ", ".join(f"{k} {v}" for k, v in r.image_problems.items())

@@ -10,7 +10,11 @@ Writes into ``cfg.out``:
   ``{mean, std, n}``, per-seed values, provenance);
 * ``metrics.json``: ``{dataset: {row label: {f1, precision, recall,
   image_dependent_f1}}}`` for ``dvc metrics show``;
-* ``dev_f1.csv`` and the PNG plots of :mod:`mner.report.plots`.
+* ``dev_f1.csv`` and the PNG plots of :mod:`mner.report.plots`;
+* the paired significance tests of every row against the baseline on the test split
+  (:mod:`mner.report.significance`), in ``results.md`` and ``results.json``;
+* ``cases.html``, the filterable case-study page of every test tweet, and ``cases.png``,
+  a paper-style figure of the most instructive ones (:mod:`mner.report.cases`).
 
 Every file is written next to its final name and renamed when complete, while the
 folder is locked (:func:`mner.locks.locked`): a second report into the same folder stops
@@ -29,7 +33,9 @@ from typing import Any
 from mner.errors import DataError
 from mner.locks import locked
 from mner.provenance import mner_version
+from mner.report import cases as case_studies
 from mner.report import plots, tables
+from mner.report.compare import DatasetComparison, compare_dataset
 from mner.report.config import ReportConfig
 from mner.report.runs import Run, assign_labels, load_runs, pool_runs, provenance_of
 
@@ -66,11 +72,14 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
     loaded = pool_runs(loaded)
     assign_labels(loaded)
     tabs = tables.build_tables(loaded, cfg.split, cfg.include_paper_numbers)
+    comparisons = (
+        [compare_dataset(cfg, t) for t in tabs] if cfg.significance or cfg.cases else []
+    )
 
     out = Path(cfg.out)
     # One writer per report folder: two reports into one --out would mix their files.
     with locked(out, folder=True, what="report folder"):
-        written = _write_report(cfg, tabs, skipped, out)
+        written = _write_report(cfg, tabs, skipped, out, comparisons)
     return {
         "out": str(out),
         "files": [str(p) for p in written],
@@ -80,10 +89,28 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
 
 
 def _write_report(
-    cfg: ReportConfig, tabs: list, skipped: list[tuple[Path, str]], out: Path
+    cfg: ReportConfig,
+    tabs: list,
+    skipped: list[tuple[Path, str]],
+    out: Path,
+    comparisons: Sequence[DatasetComparison] = (),
 ) -> list[Path]:
-    """Write the plots and the four report files into ``out``; return the paths written."""
+    """Write the plots, the cases and the report files into ``out``; return the paths written."""
     written: list[Path] = []
+    with_cases = [c for c in comparisons if c.test is not None and c.cases]
+    if cfg.cases and with_cases:
+        page = case_studies.render_html(
+            cfg.title, [(c.dataset, c.test, c.rows, c.cases) for c in with_cases], cfg.thumbnail
+        )
+        _write_atomic(out / "cases.html", page)
+        written.append(out / "cases.html")
+        first = with_cases[0]
+        tmp = out / "cases.png.part"
+        if case_studies.render_figure(
+            first.test, first.rows, first.cases[: cfg.case_figure], tmp, title=first.dataset
+        ):
+            tmp.replace(out / "cases.png")
+            written.append(out / "cases.png")
     figures: dict[str, list[tuple[str, str]]] = {}
     if cfg.plots:
         for t in tabs:
@@ -103,8 +130,10 @@ def _write_report(
 
     generated = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     files = {
-        "results.md": render_markdown(cfg, tabs, figures, skipped, generated),
-        "results.json": json.dumps(results_dict(cfg, tabs, skipped, generated), indent=2) + "\n",
+        "results.md": render_markdown(cfg, tabs, figures, skipped, generated, comparisons),
+        "results.json": json.dumps(
+            results_dict(cfg, tabs, skipped, generated, comparisons), indent=2
+        ) + "\n",
         "metrics.json": json.dumps(tables.dvc_metrics(tabs), indent=2) + "\n",
         "dev_f1.csv": plots.dev_f1_csv(tabs),
     }
@@ -165,8 +194,10 @@ def results_dict(
     tabs: Sequence[tables.Table],
     skipped: Sequence[tuple[Path, str]],
     generated: str,
+    comparisons: Sequence[DatasetComparison] = (),
 ) -> dict[str, Any]:
     """The content of ``results.json``."""
+    by_ds = {c.dataset: c for c in comparisons}
     return {
         "title": cfg.title,
         "generated": generated,
@@ -179,6 +210,11 @@ def results_dict(
                 "columns": [h for _, h in tables.columns(t)],
                 "rows": [tables.row_dict(r) for r in t.rows],
                 "provenance": dataset_provenance(t.runs),
+                **(
+                    {"significance": by_ds[t.dataset].to_dict(cfg)}
+                    if t.dataset in by_ds and cfg.significance
+                    else {}
+                ),
             }
             for t in tabs
         },
@@ -196,8 +232,10 @@ def render_markdown(
     figures: dict[str, list[tuple[str, str]]],
     skipped: Sequence[tuple[Path, str]],
     generated: str,
+    comparisons: Sequence[DatasetComparison] = (),
 ) -> str:
     """The content of ``results.md``."""
+    by_ds = {c.dataset: c for c in comparisons}
     split = "test" if cfg.split == "test" else "dev"
     n_runs = sum(len(row.run.folders) for t in tabs for row in t.rows)
     lines = [
@@ -225,9 +263,46 @@ def render_markdown(
         lines.append(tables.markdown_table(t, cfg.digits))
         for caption, name in figures.get(t.dataset, []):
             lines += ["", f"![{caption}]({name})"]
+        if cfg.significance and t.dataset in by_ds:
+            lines += _significance_lines(cfg, by_ds[t.dataset])
         lines += ["", "### Provenance", ""]
         lines += _provenance_lines(dataset_provenance(t.runs))
     return "\n".join(lines) + "\n"
+
+
+def _significance_lines(cfg: ReportConfig, comp: DatasetComparison) -> list[str]:
+    """The "Is the difference real?" section of one dataset."""
+    lines = ["", f"### Significance against {comp.baseline or cfg.baseline} (test split)", ""]
+    if comp.test is None or comp.baseline is None:
+        return [*lines, f"Not computed: {comp.reason}."]
+    lines += [
+        f"Difference in F1 (points) of each row minus `{comp.baseline}`, with the 95 % "
+        f"confidence interval of a paired bootstrap over the {len(comp.test.tweets)} test "
+        f"tweets and the two-sided p-value of approximate randomization ({cfg.resamples} "
+        f"resamples each, seed {cfg.seed}). Pooled: the tweets of every seed pair (seed k "
+        "against the baseline's seed k) stacked; per seed: Δ (p) for each pair.",
+        "",
+        "| row | Δ F1 pooled | 95 % CI | p | per seed: Δ (p) |",
+        "|:---|---:|:---:|---:|:---|",
+    ]
+    for label, c in comp.significance.items():
+        p = c["pooled"]
+        seeds = "; ".join(
+            f"{s.seeds[0][0]}: {s.delta:+.2f} ({_p(s.p_value)})" for s in c["per_seed"]
+        )
+        lines.append(
+            f"| {label} | {p.delta:+.2f} | [{p.ci_low:+.2f}, {p.ci_high:+.2f}] | "
+            f"{_p(p.p_value)} | {seeds} |"
+        )
+    if not comp.significance:
+        lines.append("| (no other row with test predictions) | | | | |")
+    if comp.missing:
+        lines += ["", "Predictions not used:"] + [f"- {m}" for m in comp.missing]
+    return lines
+
+
+def _p(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
 def _provenance_lines(prov: dict[str, Any]) -> list[str]:
