@@ -152,6 +152,29 @@ def test_caption_tiny_blip_saved_and_loaded_from_a_folder(ocr_sample_dir, tmp_pa
     w = b.provenance["caption"]["weights"]
     assert w["source"] == "local" and w["sha256"] == sha256_file(folder / "model.safetensors")
     assert a.checksums["caption/text"] == b.checksums["caption/text"]
+    # mner predict's path for new images computes the same strings as the cache holds
+    from mner.extract.api import extract_arrays
+
+    arrays, ok = extract_arrays([images / f"{ids[1]}.jpg", None], b.provenance, ["caption/text"])
+    assert ok.tolist() == [True, False] and arrays["caption/text"].tolist() == [caps[1][0], ""]
+
+
+def test_text_features_through_the_cli(ocr_sample_dir, tmp_path, mner_cli):
+    ids = [i for i, *_ in _signs(ocr_sample_dir)][:1]
+    images = _images(ocr_sample_dir, tmp_path, ids)
+    out = tmp_path / "c.h5"
+    code, _, err = mner_cli("extract", "--images", images, "--out", out, "--profile", "tiny",
+                            "--device", "cpu", "--features", "caption", "-o", "caption_max_tokens=3",
+                            "-o", "threads=1")
+    assert code == 0, err
+    code, text, err = mner_cli("inspect", out, "--verify")
+    assert code == 0 and "matches the checksums" in text, err
+    code, text, err = mner_cli("inspect", out)
+    assert code == 0, err
+    assert "caption/text" in text and "[caption] model transformers.BlipForConditionalGeneration" in text
+    code, _, err = mner_cli("extract", "--images", images, "--out", out, "--profile", "tiny",
+                            "--features", "ocr", "-o", "ocr_min_score=2")
+    assert code == 2 and "ocr_min_score must be between 0 and 1" in err and "Traceback" not in err
 
 
 def test_caption_model_offline_is_one_line_before_any_work(tmp_path, monkeypatch):

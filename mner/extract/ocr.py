@@ -18,6 +18,7 @@ was trained on.
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 from pathlib import Path
@@ -129,7 +130,12 @@ class OcrExtractor(Extractor):
             image: (3, H, W) uint8 RGB.
         """
         bgr = np.ascontiguousarray(image.permute(1, 2, 0).numpy()[:, :, ::-1])
-        result, _ = self.engine(bgr, text_score=self.cfg.ocr_min_score)
+        try:
+            result, _ = self.engine(bgr, text_score=self.cfg.ocr_min_score)
+        except Exception as exc:  # noqa: BLE001 - one image the engine cannot read never stops a run
+            print(f"warning: ocr: the engine failed on a {image.shape[2]}x{image.shape[1]} image "
+                  f"({type(exc).__name__}: {str(exc)[:80]}); stored without text", file=sys.stderr)
+            return []
         found = [(np.asarray(box, np.float32).reshape(4, 2), str(text), float(score))
                  for box, text, score in (result or [])
                  if str(text).strip() and float(score) >= self.cfg.ocr_min_score]
