@@ -204,3 +204,24 @@ def test_interrupted_caption_run_resumes_to_the_same_cache(ocr_sample_dir, tmp_p
     res = run_extract(cfg, images, out=tmp_path / "r.h5", progress=False)
     assert res["computed"] == 2  # the two other loaded images; the broken one is not computed
     assert FeatureCache(tmp_path / "r.h5").checksums == FeatureCache(tmp_path / "whole.h5").checksums
+
+
+def test_tiny_blip_is_seeded_and_reads_the_image():
+    import torch
+    from PIL import Image
+
+    from mner.extract.caption import CaptionExtractor
+
+    cfg = ExtractConfig(profile="tiny", device="cpu", features=("caption",), caption_max_tokens=5)
+    a, b = CaptionExtractor(cfg, torch.device("cpu")), CaptionExtractor(cfg, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    imgs = [Image.new("RGB", (80, 60), (255, 255, 255)), Image.new("RGB", (80, 60), (0, 0, 0)),
+            Image.fromarray((rng.random((60, 80, 3)) * 255).astype("uint8"))]
+    x = torch.stack([a.preprocess(im) for im in imgs])
+    assert x.shape == (3, 3, 64, 64)
+    caps = a(x)["text"].tolist()
+    assert caps == b(x)["text"].tolist()  # same seed, greedy: the same captions
+    assert len(set(caps)) == 3, caps  # a random model still looks at the pixels
+    other = CaptionExtractor(ExtractConfig(profile="tiny", device="cpu", features=("caption",),
+                                           caption_max_tokens=5, seed=1), torch.device("cpu"))
+    assert other(x)["text"].tolist() != caps
