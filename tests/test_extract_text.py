@@ -226,3 +226,28 @@ def test_tiny_blip_is_seeded_and_reads_the_image():
     other = CaptionExtractor(ExtractConfig(profile="tiny", device="cpu", features=("caption",),
                                            caption_max_tokens=5, seed=1), torch.device("cpu"))
     assert other(x)["text"].tolist() != caps
+
+
+@pytest.mark.slow
+def test_ocr_reads_every_sign_of_the_sample(ocr_sample_dir):
+    """All 50 OCR-dependent images of the small sample, read by the real engine."""
+    import torch
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from mner.data.conll import read_conll
+    from mner.extract.ocr import OcrExtractor
+
+    ex = OcrExtractor(ExtractConfig(profile="tiny", device="cpu", features=("ocr",), ocr_threads=1),
+                      torch.device("cpu"))
+    tokens = {t.image_id: t.tokens for s in ("train", "valid", "test")
+              for t in read_conll(ocr_sample_dir / f"{s}.txt")}
+    rows = list(csv.DictReader(open(ocr_sample_dir / "ocr_dependent.tsv", encoding="utf-8"), delimiter="\t"))
+    wrong = []
+    for r in rows:
+        name = tokens[r["image_id"]][int(r["start"])].upper()
+        with Image.open(ocr_sample_dir / "images" / f"{r['image_id']}.jpg") as im:
+            words = [t for _, t, _ in ex.read(pil_to_tensor(im.convert("RGB")))]
+        if words not in [[w.replace("{N}", name) for w in s] for s in SIGNS[r["type"]]]:
+            wrong.append((r["image_id"], r["type"], words))
+    assert len(rows) == 50 and not wrong, wrong
