@@ -52,7 +52,8 @@ def _summary(cache: FeatureCache, path: str | Path) -> dict[str, Any]:
         done = h5[g][schema.DONE][:]
         for s in schema.GROUPS[g]:
             ds = h5[g][s.name]
-            datasets[f"{g}/{s.name}"] = {"shape": list(ds.shape), "dtype": str(ds.dtype),
+            datasets[f"{g}/{s.name}"] = {"shape": list(ds.shape),
+                                         "dtype": "str" if ds.dtype.kind == "O" else str(ds.dtype),
                                          "sha256": _checksum(f"{g}/{s.name}", ds),
                                          "done": f"{int(done.sum())}/{len(done)}"}
         if g == "clip_text":
