@@ -141,7 +141,8 @@ def split(n: int, size: int, unit: int) -> list[tuple[int, int]]:
     [(0, 8), (8, 10)]
     """
     nb = -(-n // unit) if n else 0
-    cuts = [min(n, (nb - ((size - r) * nb) // size) * unit) for r in range(size)] + [n]
+    base, extra = divmod(nb, size)
+    cuts = [min(n, (r * base + min(r, extra)) * unit) for r in range(size)] + [n]
     return [(cuts[r], cuts[r + 1]) for r in range(size)]
 
 
