@@ -23,6 +23,10 @@ Order of work:
 The whole run holds an exclusive lock on ``OUT`` (``OUT.lock``, :mod:`mner.locks`): a
 second run on the same ``--out`` stops with one line naming the holder and touches
 nothing. Precision is resolved once per run (:func:`run_precision`).
+
+Under torchrun (or with ``nproc``) the same steps run once per rank on a slice of the
+images, into per-rank shards that rank 0 merges into ``OUT`` (:mod:`mner.extract.shards`,
+:func:`mner.cache.writer.merge_shards`).
 """
 
 from __future__ import annotations
