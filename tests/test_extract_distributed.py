@@ -159,6 +159,56 @@ def test_merge_refuses_shards_made_with_other_settings(ref, tmp_path):
     assert not out.exists() and a.exists() and b.exists()
 
 
+def test_merge_is_verified_against_the_shards(ref, tmp_path, monkeypatch):
+    """A merged dataset that does not read back as the shards' rows is never committed."""
+    from mner.cache import integrity
+
+    images, _, _, _ = ref
+    out = tmp_path / "v.h5"
+    ids = [f"im{i}" for i in range(2)]
+    a = shards.shard_path(out, 0, 1)
+    _write_cache(_cfg(features=("resnet",)), images, a, ids, [images / f"{i}.png" for i in ids], {},
+                 progress=False)
+    real = integrity.concat_checksum
+    def lying(parts):  # the shards' side of one dataset hashes differently from the copy
+        shard = parts[0].file.filename.endswith("shard-00000-of-00001")
+        return "0" * 64 if shard and parts[0].name == "/resnet/pooled" else real(parts)
+
+    monkeypatch.setattr(integrity, "concat_checksum", lying)
+    with pytest.raises(CacheError, match=r"v\.h5\.merging: resnet/pooled does not read back as the "
+                                         "shards' rows"):
+        merge_shards(out, [a], {})
+    assert not out.exists() and a.exists()
+
+
+def test_sharded_run_resumes_its_recorded_plan_and_refuses_changed_inputs(ref, tmp_path, monkeypatch):
+    """The rank-side logic in one process (a world of one rank): an interrupted shard keeps
+    its plan, other inputs are refused, the resume completes to the one-process cache; a
+    one-process partial on ``out`` is not taken over."""
+    from mner.extract.runner import FAIL_AFTER_ENV, _run_sharded
+
+    images, conll, _, want = ref
+    w = shards.World()
+    out = tmp_path / "s.h5"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _run_sharded(_cfg(), images, [conll], out, False, w)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    part = shards.shard_path(out, 0, 1).with_name("s.h5.shard-00000-of-00001.partial")
+    assert part.exists() and not out.exists()
+    with pytest.raises(CacheError, match="the image list changed since this sharded extraction started"):
+        _run_sharded(_cfg(), images, None, out, False, w)  # the folder's images, not the tweets'
+    res = _run_sharded(_cfg(), images, [conll], out, False, w)
+    assert res["computed"] == N_IMAGES - 4 and res["world_size"] == 1  # 2 batches of 2 were kept
+    assert _sums(out) == want and shards.existing_shards(out) == {}
+
+    other = tmp_path / "p.h5"
+    other.with_name("p.h5.partial").write_bytes(b"x")
+    with pytest.raises(CacheError, match=r"p\.h5\.partial: an interrupted one-process extraction; resume "
+                                         "it with one process"):
+        _run_sharded(_cfg(), images, [conll], other, False, w)
+
+
 def test_nproc_flag_is_checked(mner_cli, ref, tmp_path, monkeypatch):
     images, _, _, _ = ref
     code, _, err = mner_cli("extract", "--images", images, "--out", tmp_path / "x.h5", "--nproc", "0")
