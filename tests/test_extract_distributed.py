@@ -142,6 +142,12 @@ def test_shards_merged_equal_the_one_process_cache(ref, tmp_path):
         assert h5.attrs[WORLD_SIZE_ATTR] == 3 and SHARD_ATTR not in h5.attrs
         assert h5["resnet/done"][:].all() and h5["resnet/done"].maxshape == (None,)
     assert not out.with_name(out.name + ".merging").exists()
+    # Shards still beside a committed merge (a run stopped just before deleting them) are
+    # leftovers: any later run on out drops them instead of asking to resume them.
+    assert all(f.exists() for f in files)
+    res = run_extract(cfg, images, [conll], out, progress=False)
+    assert res["computed"] == 0 and shards.existing_shards(out) == {}
+    assert _sums(out) == want
 
 
 def test_merge_refuses_shards_made_with_other_settings(ref, tmp_path):

@@ -331,8 +331,10 @@ def _settle_shards(out: Path, size: int, *, overwrite: bool) -> None:
     if overwrite:
         for p in shards.existing_shards(out):
             p.unlink(missing_ok=True)
-    else:
-        shards.check_no_other_world(out, size)
+        return
+    if out.is_file():
+        shards.drop_merged_leftovers(out, stored_root_attrs(out).get(WORLD_SIZE_ATTR))
+    shards.check_no_other_world(out, size)
 
 
 def _read_inputs(cfg: ExtractConfig, images: Path, data: Sequence[str | os.PathLike] | None,
@@ -481,6 +483,7 @@ def _sharded(cfg: ExtractConfig, images: Path, data: Sequence[str | os.PathLike]
         if not cfg.overwrite:
             if holds_all(out, profile=cfg.profile, seed=cfg.seed, groups=cfg.features,
                          image_ids=ids, text_keys=keys):
+                shards.drop_merged_leftovers(out, stored_root_attrs(out).get(WORLD_SIZE_ATTR))
                 return "done"
             if partial_path(out).exists():
                 raise CacheError(f"{partial_path(out)}: an interrupted one-process extraction; resume "

@@ -180,6 +180,21 @@ def existing_shards(out: Path) -> dict[Path, int]:
     return found
 
 
+def drop_merged_leftovers(out: Path, merged_size: int | None) -> None:
+    """Delete complete shards of ``out`` left behind by a merge that was committed.
+
+    A run stopped between renaming the merged cache into place and deleting the shards
+    leaves complete shards of the world size ``out`` records; they hold nothing the
+    cache lacks. Partial shards, or shards of another world size, are kept.
+    """
+    if not merged_size or merged_size < 2:
+        return
+    found = existing_shards(out)
+    if found and all(n == merged_size and not p.name.endswith(".partial") for p, n in found.items()):
+        for p in found:
+            p.unlink(missing_ok=True)
+
+
 def check_no_other_world(out: Path, size: int) -> None:
     """Stop when shards of ``out`` from a run with another world size are on disk.
 
