@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
@@ -80,14 +80,28 @@ def checksum(ds: h5py.Dataset) -> str:
     Raises:
         OSError: (or another h5py error) when a chunk cannot be read.
     """
+    return concat_checksum([ds])
+
+
+def concat_checksum(parts: Sequence[h5py.Dataset]) -> str:
+    """:func:`checksum` of the row-wise concatenation of ``parts`` (without building it).
+
+    The hash is streamed row block by row block, so the checksum of a dataset that was
+    assembled from shards equals this value over the shards' datasets exactly when the
+    rows were copied in order and intact.
+
+    Raises:
+        OSError: (or another h5py error) when a chunk cannot be read.
+    """
     h = hashlib.sha256()
-    for i in range(0, max(ds.shape[0], 1) if ds.ndim else 1, BLOCK_ROWS):
-        block = ds[i: i + BLOCK_ROWS] if ds.ndim else ds[()]
-        if ds.dtype.kind == "O":
-            for s in np.atleast_1d(block).ravel():  # row-major, one string per line
-                h.update((s.decode() if isinstance(s, bytes) else str(s)).encode() + b"\n")
-        else:
-            h.update(np.ascontiguousarray(block).tobytes())
+    for ds in parts:
+        for i in range(0, max(ds.shape[0], 1) if ds.ndim else 1, BLOCK_ROWS):
+            block = ds[i: i + BLOCK_ROWS] if ds.ndim else ds[()]
+            if ds.dtype.kind == "O":
+                for s in np.atleast_1d(block).ravel():  # row-major, one string per line
+                    h.update((s.decode() if isinstance(s, bytes) else str(s)).encode() + b"\n")
+            else:
+                h.update(np.ascontiguousarray(block).tobytes())
     return h.hexdigest()
 
 

@@ -471,6 +471,126 @@ class CacheWriter:
                 ds.resize(rows, axis=0)
 
 
+#: Root attribute of a shard: the shard plan and this shard's rank (JSON text).
+SHARD_ATTR = "shard"
+
+#: Root attribute recording how many processes wrote a cache.
+WORLD_SIZE_ATTR = "world_size"
+
+
+def shard_attr(path: Path) -> dict[str, Any] | None:
+    """The :data:`SHARD_ATTR` of a shard file, partial or complete (None when absent/unreadable)."""
+    for f in (partial_path(path), path):
+        if not f.exists():
+            continue
+        try:
+            with integrity.open_h5(f) as h5:
+                raw = h5.attrs.get(SHARD_ATTR)
+        except (CacheError, *integrity.H5_ERRORS):
+            return None
+        if raw is None:
+            return None
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    return None
+
+
+def merge_shards(out: Path, shards: Sequence[Path], attrs: Mapping[str, Any]) -> Path:
+    """Concatenate complete shards row by row into one self-contained cache ``out``.
+
+    Every dataset of the shards is copied in order (same dtype, chunking, checksum
+    filter and growth limits as the writer creates) into ``NAME.h5.merging``; then
+    each merged dataset is read back and its checksum compared with the checksum of
+    the shards' rows streamed in the same order (:func:`integrity.concat_checksum`), so
+    the merged file holds exactly the shards' values. The checksums are recorded, the
+    file fsynced and renamed to ``out``. The shards are left in place (the caller
+    removes them once ``out`` is committed); an interrupted merge is simply redone.
+
+    Args:
+        out: The final cache path.
+        shards: Complete shard files in rank order.
+        attrs: Root attributes to set on the merged file (over the first shard's,
+            without its :data:`SHARD_ATTR` and checksums).
+
+    Raises:
+        CacheError: A shard cannot be read, shards disagree on a group's model or
+            settings, the copy does not read back equal, or the folder cannot be written.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".merging")
+    srcs = [integrity.open_h5(p) for p in shards]
+    try:
+        tmp.unlink(missing_ok=True)
+        first = srcs[0]
+        with h5py.File(tmp, "w", rdcc_nbytes=0) as dst:
+            for k, v in first.attrs.items():
+                if k not in (SHARD_ATTR, integrity.CHECKSUMS_ATTR):
+                    dst.attrs[k] = v
+            for k, v in attrs.items():
+                dst.attrs[k] = encode_attr(k, v)
+            for name in ("image_ids", "status"):
+                if name in first:
+                    _concat(dst, name, [h[name] for h in srcs])
+            for g in schema.GROUPS:
+                if g not in first:
+                    continue
+                for p, h in zip(shards, srcs, strict=True):
+                    if g not in h or dict(h[g].attrs) != dict(first[g].attrs):
+                        raise CacheError(f"{p}: its {g} features were made with other settings than "
+                                         f"{shards[0].name}'s; pass --overwrite to extract again")
+                dg = dst.create_group(g)
+                for k, v in first[g].attrs.items():
+                    dg.attrs[k] = v
+                for name in first[g]:
+                    _concat(dg, name, [h[g][name] for h in srcs])
+        with h5py.File(tmp, "a", rdcc_nbytes=0) as dst:
+            sums = integrity.checksums(dst)
+            for name, _ in integrity.content_datasets(first):
+                want = integrity.concat_checksum([_dataset(h, name) for h in srcs])
+                if sums.get(name) != want:
+                    raise CacheError(f"{tmp}: {name} does not read back as the shards' rows; "
+                                     "check the disk and re-run the same command")
+            dst.attrs[integrity.CHECKSUMS_ATTR] = json.dumps(sums, sort_keys=True)
+        with tmp.open("rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    except CacheError:
+        raise
+    except integrity.H5_ERRORS as exc:
+        raise CacheError(f"{tmp}: merging the shards failed ({integrity.reason(exc)}); free disk "
+                         "space and re-run the same command (the shards are kept)") from None
+    finally:
+        for h in srcs:
+            h.close()
+    return out
+
+
+def _dataset(h5: h5py.File, name: str) -> h5py.Dataset:
+    return h5[name]
+
+
+def _concat(parent: h5py.Group, name: str, parts: Sequence[h5py.Dataset]) -> None:
+    """Create ``parent[name]`` as the row-wise concatenation of ``parts`` (copied in blocks)."""
+    src = parts[0]
+    rows = sum(p.shape[0] for p in parts)
+    shape = (rows,) + src.shape[1:]
+    for p in parts:
+        if p.shape[1:] != src.shape[1:] or p.dtype != src.dtype:
+            raise CacheError(f"{p.file.filename}: {p.name} has shape {p.shape[1:]} / {p.dtype}, "
+                             f"the first shard {src.shape[1:]} / {src.dtype}; pass --overwrite")
+    kw: dict[str, Any] = {"fletcher32": src.fletcher32}
+    if src.dtype.kind != "O":
+        kw["fillvalue"] = src.fillvalue
+    ds = parent.create_dataset(name, shape=shape, maxshape=src.maxshape, dtype=src.dtype,
+                               chunks=src.chunks, **kw)
+    at = 0
+    for p in parts:
+        for i in range(0, p.shape[0], integrity.BLOCK_ROWS):
+            block = p[i: i + integrity.BLOCK_ROWS]
+            ds[at + i: at + i + len(block)] = block
+        at += p.shape[0]
+
+
 def _detach(h5: h5py.File) -> None:
     """Point an open file's descriptor at ``/dev/null`` (see :meth:`CacheWriter.fail`)."""
     try:

@@ -23,18 +23,24 @@ Order of work:
 The whole run holds an exclusive lock on ``OUT`` (``OUT.lock``, :mod:`mner.locks`): a
 second run on the same ``--out`` stops with one line naming the holder and touches
 nothing. Precision is resolved once per run (:func:`run_precision`).
+
+Under torchrun (or with ``nproc``) the same steps run once per rank on a slice of the
+images, into per-rank shards that rank 0 merges into ``OUT`` (:mod:`mner.extract.shards`,
+:func:`mner.cache.writer.merge_shards`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import os
 import platform
+import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import version as _dist_version
 from pathlib import Path
 from typing import Any
@@ -45,12 +51,19 @@ from torch.utils.data import DataLoader
 
 from mner.cache import schema
 from mner.cache.reader import holds_all, statuses_of, stored_root_attrs
-from mner.cache.writer import CacheWriter
+from mner.cache.writer import (
+    SHARD_ATTR,
+    WORLD_SIZE_ATTR,
+    CacheWriter,
+    merge_shards,
+    partial_path,
+    shard_attr,
+)
 from mner.data.conll import Tweet, read_conll
 from mner.data.images import find_image, list_image_files
 from mner.data.schemes import entities
 from mner.devices import replay_precision, resolve_device, resolve_precision
-from mner.errors import CacheError, DataError
+from mner.errors import CacheError, ConfigError, DataError
 from mner.extract.base import recorded_precision
 from mner.extract.config import ExtractConfig
 from mner.extract.dataset import ImageItems, collate
@@ -245,8 +258,14 @@ def _check_root(writer: CacheWriter, cfg: ExtractConfig) -> None:
 
 
 def run_extract(cfg: ExtractConfig, images: str | os.PathLike, data: Sequence[str | os.PathLike] | None = None,
-                out: str | os.PathLike = "cache/features.h5", *, progress: bool = True) -> dict[str, Any]:
+                out: str | os.PathLike = "cache/features.h5", *, progress: bool = True,
+                nproc: int | None = None) -> dict[str, Any]:
     """Extract the requested features of a folder of images into an HDF5 cache.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank extracts its slice of the images
+    into its own shard and rank 0 merges the shards into ``out``
+    (:mod:`mner.extract.shards`); the result is dataset for dataset the cache one
+    process writes.
 
     Args:
         cfg: Extraction settings.
@@ -254,24 +273,41 @@ def run_extract(cfg: ExtractConfig, images: str | os.PathLike, data: Sequence[st
         data: CoNLL files; when given, exactly their images are extracted (missing ones
             recorded as ``missing``) plus CLIP text embeddings of their sentences.
         out: The cache file (written as ``out.partial`` and renamed when complete).
-        progress: Show a progress bar (images/s).
+        progress: Show a progress bar (images/s; rank 0's under several processes).
+        nproc: Start this many local processes with torchrun's launcher and extract in
+            shards (``torchrun --standalone --nproc-per-node N``); None or 1: this
+            process alone, or the ranks of the torchrun job it runs in.
 
     Returns:
         Summary: ``out``, ``images`` (rows in the cache), ``computed`` (rows computed by
-        this run), ``status`` (counts over the requested ids), ``bad`` (list of
-        ``(id, status, message)`` met by this run), ``sentences``, ``seconds``.
+        this run, all ranks), ``status`` (counts over the requested ids), ``bad`` (list
+        of ``(id, status, message)`` met by this run), ``sentences``, ``seconds``,
+        ``world_size``.
 
     Raises:
         DataError: Missing images folder or CoNLL file.
         WeightsError: Weights unavailable (before any work).
         CacheError: An existing cache made with other settings (without ``overwrite``),
             a failed write (disk full, file-size limit; the partial file is kept for a
-            resume), or a cache that cannot be read.
-        LockError: Another process is writing ``out``.
+            resume), a cache that cannot be read, or shards of an interrupted run with
+            another number of processes.
+        LockError: Another process is writing ``out`` (or one of its shards).
+        ConfigError: ``nproc`` < 1, or ``nproc`` > 1 inside a torchrun job.
     """
+    from mner.extract import shards
     from mner.locks import locked
 
     images, out = Path(images), Path(out)
+    w = shards.world()
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: pass 1 or more processes")
+    if nproc is not None and nproc > 1:
+        if w.size > 1:
+            raise ConfigError(f"--nproc {nproc} inside a torchrun job of {w.size} ranks: "
+                              "drop --nproc (torchrun already starts the processes)")
+        return shards.launch(nproc, _rank_entry, cfg, images, data, out, progress)
+    if w.size > 1:
+        return _run_sharded(cfg, images, data, out, progress, w)
     if not images.is_dir():
         raise DataError(f"{images}: no such images folder; pass --images DIR")
     try:
@@ -281,16 +317,64 @@ def run_extract(cfg: ExtractConfig, images: str | os.PathLike, data: Sequence[st
         raise CacheError(f"{out}: cannot create files in {out.parent} ({exc.strerror or exc}); "
                          "check the folder's permissions or choose another --out") from None
     try:
-        if cfg.threads is None:
+        _settle_shards(out, 1, overwrite=cfg.overwrite)
+        with _threads(cfg.threads):
             return _run_extract(cfg, images, data, out, progress)
-        before = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
-            return _run_extract(cfg, images, data, out, progress)
-        finally:
-            torch.set_num_threads(before)
     finally:
         lock.__exit__(None, None, None)
+
+
+def _rank_entry(cfg: ExtractConfig, images: Path, data: Sequence[str | os.PathLike] | None,
+                out: Path, progress: bool) -> dict[str, Any]:
+    """One rank started by ``run_extract(nproc=N)`` (picklable, for the spawn start method)."""
+    return run_extract(cfg, images, data, out, progress=progress)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch intra-op threads set to ``n`` for the block (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _settle_shards(out: Path, size: int, *, overwrite: bool) -> None:
+    """Before a run on ``out`` with ``size`` processes: remove every shard (``overwrite``),
+    or stop when shards of a run with another number of processes are on disk."""
+    from mner.extract import shards
+
+    if overwrite:
+        for p in shards.existing_shards(out):
+            p.unlink(missing_ok=True)
+        return
+    if out.is_file():
+        shards.drop_merged_leftovers(out, stored_root_attrs(out).get(WORLD_SIZE_ATTR))
+    shards.check_no_other_world(out, size)
+
+
+def _read_inputs(cfg: ExtractConfig, images: Path, data: Sequence[str | os.PathLike] | None,
+                 *, quiet: bool = False
+                 ) -> tuple[list[str], list[Path | None], dict[str, tuple[str, list[str]]]]:
+    """``(ids, paths, text)``: the images to extract and the sentences to embed.
+
+    ``quiet``: no CoNLL warnings (ranks other than 0 read the same files).
+    """
+    tweets: list[Tweet] | None = None
+    if data:
+        tweets = []
+        for f in data:
+            if not Path(f).is_file():
+                raise DataError(f"{f}: no such CoNLL file; check --data")
+            tweets.extend(read_conll(f, warn=(lambda _: None) if quiet else None))
+    ids, paths = list_images(images, tweets)
+    text = _text_rows(tweets) if tweets is not None and "clip_text" in cfg.features else {}
+    return ids, paths, text
 
 
 def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
@@ -298,22 +382,37 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
                  progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     images, out = Path(images), Path(out)
-    tweets: list[Tweet] | None = None
-    if data:
-        tweets = []
-        for f in data:
-            if not Path(f).is_file():
-                raise DataError(f"{f}: no such CoNLL file; check --data")
-            tweets.extend(read_conll(f))
-    ids, paths = list_images(images, tweets)
-    text = _text_rows(tweets) if tweets is not None and "clip_text" in cfg.features else {}
+    ids, paths, text = _read_inputs(cfg, images, data)
     if not cfg.overwrite and holds_all(out, profile=cfg.profile, seed=cfg.seed, groups=cfg.features,
                                        image_ids=ids, text_keys=list(text)):
         st = statuses_of(out)
         return {"out": str(out), "images": len(st), "computed": 0,
                 "status": dict(Counter(st[i] for i in ids)), "bad": [], "sentences": len(text),
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "world_size": 1}
+    bad, computed = _write_cache(cfg, images, out, ids, paths, text, progress=progress)
+    for rid, status, message in bad:
+        print(f"image {rid}: {status} ({message})", file=sys.stderr)
+    status_of = statuses_of(out)
+    return {"out": str(out), "images": len(status_of), "computed": computed,
+            "status": dict(Counter(status_of[i] for i in ids)), "bad": bad,
+            "sentences": len(text), "seconds": time.perf_counter() - t0, "world_size": 1}
 
+
+def _write_cache(cfg: ExtractConfig, images: Path, out: Path, ids: Sequence[str],
+                 paths: Sequence[Path | None], text: dict[str, tuple[str, list[str]]], *,
+                 progress: bool, root: Mapping[str, Any] | None = None, emax: int | None = None,
+                 kill_after: int = 0) -> tuple[list[tuple[str, str, str]], int]:
+    """Compute the missing rows of ``ids`` / ``text`` into ``out`` and commit it.
+
+    Args:
+        root: Extra root attributes (a shard's plan and world size).
+        emax: Entity slots of clip_text (default: the most entities in ``text``); shards
+            pass the whole run's value, and get a clip_text group even with no sentences.
+        kill_after: Test hook: SIGKILL this process after that many batches.
+
+    Returns:
+        ``(bad, computed)``: images that did not load, rows computed.
+    """
     device = resolve_device(cfg.device)
     precision = run_precision(cfg, out, device)
     cfg = dataclasses.replace(cfg, precision=precision)  # what every extractor uses
@@ -333,9 +432,10 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
             "extract_config": {**{k: v for k, v in to_dict(cfg).items()
                                   if k not in ("overwrite", "workers", "device", "batch_size", "threads")},
                                "precision": precision},
+            WORLD_SIZE_ATTR: 1, **(root or {}),
         })
         initial = ["missing" if p is None else "pending" for p in paths]
-        rows = writer.add_images(ids, initial)
+        rows = writer.add_images(list(ids), initial)
         n = len(writer.image_ids)
         for g, (attrs, dims) in specs.items():
             writer.ensure_group(g, attrs, dims, n)
@@ -346,35 +446,169 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
         pending = [r for r in order if not all(done[g][r] for g in specs)]
         row_path = dict(zip((int(r) for r in rows), paths, strict=True))
         bad, computed = _run_images(cfg, ex, writer, specs, done, pending, row_path, device, progress,
-                                    images)
+                                    images, kill_after=kill_after)
         if derived:
             from mner.extract.tags import write_tags
 
             write_tags(cfg, writer, order)
-        sentences = _run_text(cfg, ex, writer, text) if text else 0
+        if text or (emax is not None and "clip_text" in cfg.features):
+            _run_text(cfg, ex, writer, text, emax=emax)
         writer.commit()
     except BaseException:
         writer.close()
         raise
-    for rid, status, message in bad:
-        print(f"image {rid}: {status} ({message})", file=sys.stderr)
-    status_of = statuses_of(out)
-    return {"out": str(out), "images": len(status_of), "computed": computed,
-            "status": dict(Counter(status_of[i] for i in ids)), "bad": bad,
-            "sentences": sentences, "seconds": time.perf_counter() - t0}
+    return bad, computed
 
 
-def default_workers(device: torch.device) -> int:
+def _run_sharded(cfg: ExtractConfig, images: Path, data: Sequence[str | os.PathLike] | None,
+                 out: Path, progress: bool, w: Any) -> dict[str, Any]:
+    """This rank's part of a torchrun extraction (see :mod:`mner.extract.shards`)."""
+    from mner.extract import shards
+
+    created = shards.init_group(w)
+    try:
+        with contextlib.ExitStack() as stack, shards.stop_on_sigterm():
+            return _sharded(cfg, images, data, out, progress, w, stack)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _sharded(cfg: ExtractConfig, images: Path, data: Sequence[str | os.PathLike] | None,
+             out: Path, progress: bool, w: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
+    from mner.extract import shards
+    from mner.locks import locked
+
+    t0 = time.perf_counter()
+    shard = shards.shard_path(out, w.rank, w.size)
+
+    def setup() -> tuple[list[str], list[Path | None], dict[str, tuple[str, list[str]]], str]:
+        if not images.is_dir():
+            raise DataError(f"{images}: no such images folder; pass --images DIR")
+        dev = shards.rank_device(cfg.device, w)
+        return (*_read_inputs(cfg, images, data, quiet=w.rank != 0), dev)
+
+    ids, paths, text, dev = shards.agree(w, setup)
+    keys = list(text)
+
+    def lock() -> None:
+        try:
+            if w.rank == 0:  # the whole run holds out, like a one-process run
+                stack.enter_context(locked(out, folder=False, what="feature cache"))
+            stack.enter_context(locked(shard, folder=False, what="feature cache shard"))
+        except OSError as exc:
+            raise CacheError(f"{out}: cannot create files in {out.parent} ({exc.strerror or exc}); "
+                             "check the folder's permissions or choose another --out") from None
+
+    shards.agree(w, lock)
+
+    def decide() -> str:
+        if w.rank != 0:
+            return ""
+        if not cfg.overwrite:
+            if holds_all(out, profile=cfg.profile, seed=cfg.seed, groups=cfg.features,
+                         image_ids=ids, text_keys=keys):
+                shards.drop_merged_leftovers(out, stored_root_attrs(out).get(WORLD_SIZE_ATTR))
+                return "done"
+            if partial_path(out).exists():
+                raise CacheError(f"{partial_path(out)}: an interrupted one-process extraction; resume "
+                                 "it with one process (no torchrun, no --nproc), or pass --overwrite")
+            if out.exists():
+                return "extend"
+        _settle_shards(out, w.size, overwrite=cfg.overwrite)
+        if cfg.overwrite:
+            partial_path(out).unlink(missing_ok=True)
+        return "shards"
+
+    mode = shards.gather(shards.agree(w, decide), w)[0]
+    summary: dict[str, Any] = {"out": str(out), "world_size": w.size}
+    if mode == "extend":  # a finished cache grows on rank 0 alone, exactly as one process would
+        def extend() -> dict[str, Any] | None:
+            if w.rank != 0:
+                return None
+            print(f"note: {out} exists; extending it runs on rank 0 alone", file=sys.stderr)
+            with _threads(cfg.threads):
+                return _run_extract(cfg, images, data, out, progress)
+
+        res = shards.gather(shards.agree(w, extend), w)[0]
+        return {**res, "world_size": w.size, "seconds": time.perf_counter() - t0}
+    if mode == "done":
+        st = statuses_of(out)
+        return {**summary, "images": len(st), "computed": 0, "status": dict(Counter(st[i] for i in ids)),
+                "bad": [], "sentences": len(keys), "seconds": time.perf_counter() - t0}
+
+    fresh = shards.make_plan(ids, keys, w.size, cfg.batch_size, TEXT_BATCH)
+
+    def plan() -> dict[str, Any] | None:
+        return shard_attr(shard)
+
+    recorded = [p for p in shards.gather(shards.agree(w, plan), w) if p is not None]
+    the_plan = fresh
+    if recorded:  # a resume: the boundaries of the first run, never new ones
+        the_plan = {k: v for k, v in recorded[0].items() if k != "rank"}
+        for key, what in (("image_list_sha256", "image list"), ("text_list_sha256", "sentence list")):
+            if the_plan.get(key) != fresh[key]:
+                raise CacheError(f"{shard}: the {what} changed since this sharded extraction started "
+                                 "(other --images/--data); re-run with the same inputs to resume, "
+                                 "or pass --overwrite to start over")
+
+    def extract() -> tuple[list[tuple[str, str, str]], int]:
+        s, e = the_plan["images"][w.rank]
+        ts, te = the_plan["text"][w.rank]
+        mine = {k: text[k] for k in keys[ts:te]}
+        if not cfg.overwrite and holds_all(shard, profile=cfg.profile, seed=cfg.seed,
+                                           groups=cfg.features, image_ids=ids[s:e], text_keys=list(mine)):
+            return [], 0
+        rcfg = dataclasses.replace(cfg, device=dev)
+        if rcfg.workers is None:
+            rcfg = dataclasses.replace(rcfg, workers=default_workers(resolve_device(dev), shards.cpu_share(w)))
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(torch.device(dev))
+        emax = max(1, max((len(v[1]) for v in text.values()), default=1))
+        threads = cfg.threads if cfg.threads is not None else (
+            None if dev.startswith("cuda") else shards.cpu_share(w))
+        with _threads(threads):
+            return _write_cache(rcfg, images, shard, ids[s:e], paths[s:e], mine,
+                                progress=progress and w.rank == 0,
+                                root={SHARD_ATTR: {**the_plan, "rank": w.rank}, WORLD_SIZE_ATTR: w.size},
+                                emax=emax if "clip_text" in cfg.features and text else None,
+                                kill_after=shards.kill_hook(w))
+
+    parts = shards.gather(shards.agree(w, extract), w)
+
+    def merge() -> None:
+        if w.rank != 0:
+            return
+        files = [shards.shard_path(out, r, w.size) for r in range(w.size)]
+        merge_shards(out, files, {WORLD_SIZE_ATTR: w.size})
+        for f in files:  # only now: the merged cache is committed
+            f.unlink(missing_ok=True)
+
+    shards.agree(w, merge)
+    bad = [b for part, _ in parts for b in part]
+    if w.rank == 0:
+        for rid, status, message in bad:
+            print(f"image {rid}: {status} ({message})", file=sys.stderr)
+    st = statuses_of(out)
+    return {**summary, "images": len(st), "computed": sum(c for _, c in parts),
+            "status": dict(Counter(st[i] for i in ids)), "bad": bad, "sentences": len(keys),
+            "seconds": time.perf_counter() - t0}
+
+
+def default_workers(device: torch.device, cores: int | None = None) -> int:
     """DataLoader workers when ``cfg.workers`` is None.
 
     CUDA: 4, so decoding overlaps inference. CPU: the model's intra-op threads already
     use every core, and each worker takes one away from them (and adds a copy through
     shared memory), so 0 (decode between batches) up to 2 cores, then 1 per extra core,
-    at most 2.
+    at most 2. ``cores``: the cores this process may use (default: the machine's; a
+    rank of a sharded run gets its share).
     """
     if device.type == "cuda":
         return 4
-    return max(0, min(2, (os.cpu_count() or 1) - 2))
+    return max(0, min(2, (cores or os.cpu_count() or 1) - 2))
 
 
 def _worker_init(_: int) -> None:
@@ -386,7 +620,8 @@ def _worker_init(_: int) -> None:
 def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
                 specs: dict[str, tuple[dict, dict]], done: dict[str, np.ndarray],
                 pending: list[int], row_path: dict[int, Path | None], device: torch.device,
-                progress: bool, images: Path) -> tuple[list[tuple[str, str, str]], int]:
+                progress: bool, images: Path, *, kill_after: int = 0
+                ) -> tuple[list[tuple[str, str, str]], int]:
     if not pending:
         return [], 0
     transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip", "caption") if g in specs}
@@ -433,6 +668,8 @@ def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
             bar.update(len(batch["row"]))
             if delay:
                 time.sleep(delay)
+            if kill_after and nb >= kill_after:  # test hook: a rank killed mid-run
+                os.kill(os.getpid(), signal.SIGKILL)
             if fail_after and nb >= fail_after:
                 raise RuntimeError(f"{FAIL_AFTER_ENV}={fail_after}: injected failure after {nb} batches")
     return bad, computed
@@ -449,9 +686,10 @@ def _text_rows(tweets: Sequence[Tweet]) -> dict[str, tuple[str, list[str]]]:
 
 
 def _run_text(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
-              text: dict[str, tuple[str, list[str]]]) -> int:
+              text: dict[str, tuple[str, list[str]]], *, emax: int | None = None) -> int:
     tx = ex["clip_text"]
-    emax = max(1, max(len(e) for _, e in text.values()))
+    if emax is None:
+        emax = max(1, max(len(e) for _, e in text.values()))
     writer.ensure_group("clip_text", tx.attrs(), {**tx.dims(), "E": emax}, 0)
     keys = list(text)
     rows = writer.add_text_keys(keys)

@@ -64,6 +64,9 @@ def register(app: typer.Typer) -> None:
         params: ParamsOpt = None,
         override: OverrideOpt = None,
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+        nproc: int = typer.Option(None, "--nproc", help="Processes to extract with (starts "
+                                  "torchrun's launcher on this machine; shards merged into one "
+                                  "cache). Default 1; under torchrun, leave it out."),
     ) -> None:
         """Run the frozen vision models over images into an HDF5 feature cache (resumable)."""
         from mner.extract.runner import run_extract
@@ -76,7 +79,8 @@ def register(app: typer.Typer) -> None:
             "features": features, "profile": profile, "device": device, "batch_size": batch_size,
             "workers": workers, "weights_dir": weights_dir, "overwrite": overwrite,
         }, override)
-        res = run_extract(cfg, images=images, data=_data_files(data), out=out, progress=not quiet)
+        res = run_extract(cfg, images=images, data=_data_files(data), out=out, progress=not quiet,
+                          nproc=nproc)
         counts = ", ".join(f"{k} {v}" for k, v in sorted(res["status"].items()))
         typer.echo(f"wrote {res['out']}: {res['images']} images ({counts}); computed "
                    f"{res['computed']} this run; {res['sentences']} sentences; "
