@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     ) -> None:
         """Run the frozen vision models over images into an HDF5 feature cache (resumable)."""
-        from mner.extract.runner import run_extract
+        from mner.apps.api import extract as run_extract  # the Python API's mner.extract
 
         # click has no variadic options: `--data a b c` leaves b and c as extra arguments.
         if ctx.args and not data:

@@ -20,6 +20,7 @@ condition. All spans of a batch go through one batched forward pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -125,3 +126,69 @@ def continuation_tags(tag_names: Sequence[str]) -> dict[str, list[int]]:
         if prefix in ("I", "E") and typ:
             out.setdefault(typ, []).append(i)
     return out
+
+
+@torch.no_grad()
+def predict_scored(model, dataset, device, batch_size: int, precision: str = "fp32", decode=None):
+    """Viterbi tags of every sentence, and the probability of each predicted entity.
+
+    The same decoding as :func:`mner.train.evaluation.predict_words` (same batches, same
+    autocast, the CRF's Viterbi path), plus :func:`span_probabilities` of the entities on
+    each window's path. An entity that straddles two windows (a sentence longer than
+    ``max_length`` sub-tokens) gets the product of its parts' probabilities, each part
+    computed in its own window: an approximation, as the windows are decoded apart.
+
+    Args:
+        model: the :class:`~mner.train.model.Tagger` (switched to eval mode here).
+        dataset: windows of the sentences (``NerDataset``).
+        device: where to run.
+        batch_size: windows per batch.
+        precision: autocast precision, the run's.
+        decode: tag ids -> BIO2 labels (``TagSet.decode``); default: the tag names.
+
+    Returns:
+        ``(tags, scores)``: tag ids per word for each sentence (``O`` = 0 where a word was
+        not covered), and per sentence ``{(type, start, end): probability}`` for the
+        entities of its BIO2 labels (word spans ``[start, end)``).
+    """
+    from mner.data.schemes import entities
+    from mner.devices import autocast
+    from mner.train.data import bucket_batches
+
+    names = model.tag_names
+    decode = decode or (lambda ids: [names[i] for i in ids])
+    cont = continuation_tags(names)
+    model.eval()
+    tags = [[0] * len(s) for s in dataset.sentences]
+    parts: list[list[tuple[str, int, int, float]]] = [[] for _ in dataset.sentences]
+    for idx in bucket_batches(dataset.lengths(), batch_size, 1, None):
+        batch = dataset.collate(idx)
+        # Inference mode: no gold information reaches the head.
+        batch.sub_labels = batch.word_tags = None
+        batch.entity_spans = batch.entity_mask = None
+        batch.text_teacher = {}
+        batch = batch.to(device)
+        with autocast(device, precision):
+            emissions, _ = model(batch)
+            paths = model.crf.decode(emissions, mask=batch.word_mask)
+        spans, where = [], []
+        for b, (wi, path) in enumerate(zip(idx, paths, strict=False)):
+            win = dataset.windows[wi]
+            path = path[: win.n_words]
+            row = tags[win.item]
+            for j, t in enumerate(path):
+                row[win.word_start + j] = t
+            for typ, s, e in entities(decode(path)):
+                spans.append((b, s, path[s:e], cont.get(typ, [])))
+                where.append((win.item, typ, win.word_start + s, win.word_start + e))
+        probs = span_probabilities(model.crf, emissions.float(), batch.word_mask, spans).tolist()
+        for (item, typ, s, e), p in zip(where, probs, strict=True):
+            parts[item].append((typ, s, e, p))
+    scores = []
+    for item, row in enumerate(tags):
+        got = {}
+        for typ, s, e in entities(decode(row)):
+            inside = [p for t, ps, pe, p in parts[item] if t == typ and s <= ps and pe <= e]
+            got[(typ, s, e)] = math.prod(inside) if inside else 0.0
+        scores.append(got)
+    return tags, scores
