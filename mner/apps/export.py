@@ -71,11 +71,11 @@ def _fmt(ms: dict | None, key: str = "f1") -> str:
     return f"{ms[key]['mean']:.2f} ± {ms[key]['std']:.2f}"
 
 
-def vision_weights(prov: dict) -> list[str]:
-    """One line per vision model the run's features came from: name, source, hash."""
+def vision_weights(prov: dict, groups) -> list[str]:
+    """One line per vision model the features in ``groups`` came from: name, source, hash."""
     cache_prov = (prov.get("cache") or {}).get("provenance") or {}
     lines = []
-    for group in ("resnet", "clip", "objects", "relations", "crops", "clip_text"):
+    for group in dict.fromkeys(groups):
         info = cache_prov.get(group)
         if not isinstance(info, dict):
             continue
@@ -111,7 +111,7 @@ def model_card(name: str, cfg, prov: dict, metrics: dict | None, seed: int) -> s
                 "task": {"type": "token-classification", "name": "Multimodal named entity recognition"},
                 "dataset": {"type": dataset, "name": dataset, "split": "test"},
                 "metrics": [
-                    {"type": k, "value": round(o[k]["mean"], 2), "name": f"test {k} (mean of {n_seeds} seeds)"}
+                    {"type": k, "value": round(o[k]["mean"], 2), "name": f"test {k} (mean of {n_seeds} seed{'s' if n_seeds != 1 else ''})"}
                     for k in ("f1", "precision", "recall") if isinstance(o.get(k), dict)
                 ],
             }],
@@ -152,7 +152,8 @@ def model_card(name: str, cfg, prov: dict, metrics: dict | None, seed: int) -> s
               "", "## Limitations", "",
               "- The image features are computed on the fly by the same vision models that made the "
               "training cache, and must be the same weights for the scores above to hold:"]
-    weights = vision_weights(prov)
+    needs = cfg.head_class().required_features(cfg.head_config())
+    weights = vision_weights(prov, [n.split("/")[0] for n in needs])
     lines += [f"  - {w}" for w in weights] or ["  - none: this model reads no image features"]
     lines += ["- Paper-profile vision weights are not part of this folder: they come from the "
               "libraries' caches (torchvision, open_clip) on the machine that loads the model.",
