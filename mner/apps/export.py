@@ -223,12 +223,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, seed: int | No
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"{tmp}: cannot write ({exc.strerror or exc}); free disk space or choose "
                             "another --out, then run again") from None
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        # The sample generator's folder swap: the old folder is kept until the new one is in place.
+        from mner.data.sample import _swap_into_place
+
+        _swap_into_place(tmp, out)
     return out
