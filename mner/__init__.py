@@ -17,7 +17,6 @@ See :mod:`mner.apps.api` and the "Python API" section of the README.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -34,9 +33,8 @@ _LAZY = {
 
 __all__ = ["Predictor", "__version__", "evaluate", "export", "extract", "load", "predict_file", "train"]
 
-if TYPE_CHECKING:
-    from mner.apps.api import evaluate, export, extract, load, predict_file, train
-    from mner.apps.predict import Predictor
+# Type checkers read the names' signatures from ``__init__.pyi``; importing them here
+# would load torch on ``import mner`` (and make the bottom layers import the top one).
 
 
 def __getattr__(name: str):
