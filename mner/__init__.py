@@ -17,14 +17,13 @@ See :mod:`mner.apps.api` and the "Python API" section of the README.
 from __future__ import annotations
 
 import importlib
+import types
 
 __version__ = "0.1.0"
 
 #: Public name -> the module that defines it (imported on first use).
 _LAZY = {
     "load": "mner.apps.api",
-    "extract": "mner.apps.api",
-    "train": "mner.apps.api",
     "evaluate": "mner.apps.api",
     "predict_file": "mner.apps.api",
     "export": "mner.apps.api",
@@ -35,6 +34,24 @@ __all__ = ["Predictor", "__version__", "evaluate", "export", "extract", "load", 
 
 # Type checkers read the names' signatures from ``__init__.pyi``; importing them here
 # would load torch on ``import mner`` (and make the bottom layers import the top one).
+
+
+class _CallableStage(types.ModuleType):
+    """A stage package that is also its API function.
+
+    ``mner.train`` and ``mner.extract`` are packages (``mner.train.config``, ...), and
+    Python binds a package to its parent's attribute when it is imported, so a function
+    of that name would be replaced by the module. Instead the package itself is callable:
+    ``mner.train(...)`` is :func:`mner.apps.api.train` and ``mner.extract(...)`` is
+    :func:`mner.apps.api.extract`.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return getattr(importlib.import_module("mner.apps.api"), self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
+for _stage in ("extract", "train"):  # their __init__ modules import nothing: cheap
+    importlib.import_module(f"mner.{_stage}").__class__ = _CallableStage
 
 
 def __getattr__(name: str):
