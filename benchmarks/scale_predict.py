@@ -11,10 +11,10 @@ Model loading is excluded from both. Prints posts/s of each and the bulk/single 
 (target on a 2-core CPU: >= 5x). ``benchmarks/scale.py`` runs it as its bulk-prediction
 section; alone::
 
-    .venv/bin/python benchmarks/scale_predict.py --run runs/sample/umt/seed1 \\
-        --data data/sample/test.txt --images data/sample/images
+    .venv/bin/python benchmarks/scale_predict.py --predict-run runs/sample/umt/seed1 \\
+        --predict-data data/sample/test.txt --predict-images data/sample/images
 
-Without ``--run`` it builds what it needs in a temporary folder (the small sample, a
+Without ``--predict-run`` it builds what it needs in a temporary folder (the small sample, a
 tiny ResNet cache, a one-epoch tiny UMT run), which takes a few minutes.
 """
 
@@ -34,14 +34,15 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of this section (prefixed ``--predict-`` where they could clash)."""
-    parser.add_argument("--run", type=Path, default=None, help="a trained run (default: train a tiny one)")
-    parser.add_argument("--data", type=Path, default=None, help="CoNLL file whose tweets are the posts")
-    parser.add_argument("--images", type=Path, default=None, help="images folder of --data")
+    """This section's options, all prefixed ``--predict-`` so that ``scale.py`` can hold every
+    section's options in one parser."""
+    parser.add_argument("--predict-run", type=Path, default=None, help="a trained run (default: train a tiny one)")
+    parser.add_argument("--predict-data", type=Path, default=None, help="CoNLL file whose tweets are the posts")
+    parser.add_argument("--predict-images", type=Path, default=None, help="images folder of --predict-data")
     parser.add_argument("--predict-posts", type=int, default=128, help="posts to predict")
     parser.add_argument("--predict-batch-size", type=int, default=64, help="posts per bulk batch")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--predict-device", default="cpu", help="device of the model and the vision models")
+    parser.add_argument("--predict-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def _setup(tmp: Path) -> tuple[Path, Path, Path]:
@@ -87,18 +88,18 @@ def run(args: argparse.Namespace) -> list[str]:
     # Broken sample images are part of the workload; their warnings are not the report.
     warnings.filterwarnings("ignore", message=r"text \d+: image ")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.predict_threads:
+        torch.set_num_threads(args.predict_threads)
     with tempfile.TemporaryDirectory(prefix="mner-bench-") as tmp:
         tmp = Path(tmp)
-        if args.run is None:
+        if args.predict_run is None:
             run_dir, conll, images = _setup(tmp)
         else:
-            run_dir, conll, images = args.run, args.data, args.images
+            run_dir, conll, images = args.predict_run, args.predict_data, args.predict_images
             if conll is None or images is None:
-                raise SystemExit("--run needs --data (a CoNLL file) and --images")
+                raise SystemExit("--predict-run needs --predict-data (a CoNLL file) and --predict-images")
         posts = _posts(conll, images, args.predict_posts, tmp / "posts.jsonl")
-        tagger = mner.load(run_dir, device=args.device)
+        tagger = mner.load(run_dir, device=args.predict_device)
         tagger(*posts[0])  # warm-up: builds the extractors, first-call allocations
         t0 = time.perf_counter()
         for text, image in posts:
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> list[str]:
         n = len(posts)
         model = tagger.loaded.cfg.model
     return [
-        f"Bulk prediction ({model}, {n} posts, device {args.device}, {torch.get_num_threads()} threads, "
+        f"Bulk prediction ({model}, {n} posts, device {args.predict_device}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}):",
         f"  single-post loop  {n / single:8.1f} posts/s",
         f"  bulk (batch {args.predict_batch_size:>3})  {n / bulk:8.1f} posts/s",
