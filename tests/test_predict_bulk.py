@@ -78,8 +78,9 @@ def bulk(predictor, posts_file, sample_dir, tmp_path_factory):
     return res, out.read_bytes()
 
 
-def same_records(got: dict, want: dict, tol=2e-4) -> bool:
-    """Equal output records, scores to within the rounding of another batch composition."""
+def same_records(got: dict, want: dict, tol=1e-2) -> bool:
+    """Equal output records, scores to within the rounding of another batch composition
+    (bfloat16 decoding, the precision the tiny run trained in on a CPU with it, rounds to ~1e-3)."""
     strip = lambda r: {**r, "entities": [{k: v for k, v in e.items() if k != "score"} for e in r["entities"]]}  # noqa: E731
     return strip(got) == strip(want) and all(
         abs(g["score"] - w["score"]) <= tol for g, w in zip(got["entities"], want["entities"], strict=True))

@@ -150,9 +150,9 @@ class Prediction:
         return rec
 
 
-#: Decimals of ``score`` in the output. Scores of one post agree to about 1e-6 whatever
-#: posts share its batch (padding changes float summation order), so fewer digits keep
-#: the output of a bulk run and of single-post calls alike, and the file short.
+#: Decimals of ``score`` in the output. The same post in batches of other posts gets the
+#: same entities, but padding changes float rounding: scores agree to ~1e-6 in float32
+#: and only to a few thousandths when the run decodes in bfloat16.
 SCORE_DECIMALS = 4
 
 
