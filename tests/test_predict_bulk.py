@@ -271,6 +271,15 @@ def test_export_moves_to_another_place_and_predicts_identically(run, predictor, 
     texts = [" ".join(t.tokens) for t in tweets]
     images = [next(iter((sample_dir / "images").glob(f"{t.image_id}.*")), None) for t in tweets]
     assert mner.load(moved, device="cpu")(texts, images) == predictor(texts, images)
+    # features made from local weight files: the folder must be named on the new machine
+    prov = json.loads((moved / "provenance.json").read_text())
+    prov["cache"]["provenance"]["resnet"]["weights"] = {"source": "local", "file": "resnet18.pth"}
+    (moved / "provenance.json").write_text(json.dumps(prov))
+    with pytest.raises(ConfigError, match=r"local weight files \(resnet \(resnet18.pth\)\); put them in a "
+                                          r"folder and pass it: mner.load\(..., weights_dir=DIR\)"):
+        mner.load(moved, device="cpu")
+    assert mner.load(moved, device="cpu", weights_dir=tmp_path)._cache_provenance["extract_config"][
+        "weights_dir"] == str(tmp_path)
 
 
 # -- README ------------------------------------------------------------------------------

@@ -58,13 +58,16 @@ def _config(cls: type[T], section: str, config: T | None, params: PathLike | Non
                      overrides=list(overrides or []), route=route)
 
 
-def load(run_or_folder: PathLike, seed: int | None = None, device: str = "auto") -> Predictor:
+def load(run_or_folder: PathLike, seed: int | None = None, device: str = "auto",
+         weights_dir: PathLike | None = None) -> Predictor:
     """A predictor for a run folder (``mner train --out``) or an exported model (``mner export``).
 
     Args:
         run_or_folder: the folder.
         seed: which seed's model (default: the best on dev).
         device: ``auto``, ``cpu`` or ``cuda[:i]``; also where image features are computed.
+        weights_dir: the folder of local vision weight files (``mner extract
+            --weights-dir``), needed on another machine when the training cache used them.
 
     Returns:
         A :class:`~mner.apps.predict.Predictor`: call it on a text (or a list of texts)
@@ -72,7 +75,7 @@ def load(run_or_folder: PathLike, seed: int | None = None, device: str = "auto")
     """
     from mner.apps.predict import Predictor
 
-    return Predictor(run_or_folder, seed=seed, device=device)
+    return Predictor(run_or_folder, seed=seed, device=device, weights_dir=weights_dir)
 
 
 def predict_file(

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mner.data.images import ImageStatus
-from mner.errors import DataError
+from mner.errors import ConfigError, DataError
 from mner.train.crf import predict_scored
 from mner.train.data import NerDataset, VisualStore
 from mner.train.evaluation import load_run
@@ -209,14 +209,33 @@ class Predictor:
         run: the run folder ``mner train`` wrote, or a folder ``mner export`` wrote.
         seed: which seed's model (default: the best on dev).
         device: ``auto``, ``cpu`` or ``cuda[:i]``; also where image features are computed.
+        weights_dir: the folder of the vision weight files the training cache was made
+            with (``mner extract --weights-dir``), when it is not the one recorded (an
+            exported model, another machine).
     """
 
-    def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto"):
+    def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto",
+                 weights_dir: str | Path | None = None):
         self.loaded = load_run(Path(run), seed, device)
         self.device = device
         prov = (self.loaded.provenance.get("cache") or {}).get("provenance") or {}
-        self._cache_provenance = prov
         stored = prov.get("extract_config") or {}
+        if weights_dir is not None:
+            stored = {**stored, "weights_dir": str(weights_dir)}
+            prov = {**prov, "extract_config": stored}
+        elif not stored.get("weights_dir") and self.loaded.needs:
+            # An exported model drops the exporting machine's weights folder: features
+            # made from local weight files must not silently come from other weights here.
+            groups = {n.split("/")[0] for n in self.loaded.needs}
+            local = sorted(f"{g} ({(prov[g].get('weights') or {}).get('file')})" for g in groups
+                           if isinstance(prov.get(g), dict)
+                           and (prov[g].get("weights") or {}).get("source") == "local")
+            if local:
+                raise ConfigError(
+                    f"{run}: its image features came from local weight files ({', '.join(local)}); "
+                    "put them in a folder and pass it: mner.load(..., weights_dir=DIR)"
+                )
+        self._cache_provenance = prov
         # The guard the training cache was extracted with: an image too large there is too
         # large here. Text-only runs have no cache and use the extraction default.
         from mner.extract.images import DEFAULT_MAX_PIXELS
