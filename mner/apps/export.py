@@ -37,15 +37,36 @@ from mner.train.runs import RunFolder
 MARKER = "mner_export.json"
 
 
+#: Keys of Hugging Face's config/tokenizer JSON files that record where they were loaded
+#: from. Only these are rewritten there: a vocabulary holds tokens such as "/" or "~/".
+HF_PATH_KEYS = ("_name_or_path", "name_or_path", "tokenizer_file", "vocab_file")
+
+
+def _is_path(value: str) -> bool:
+    """An absolute path of a file or folder (``/a/b``, ``~/a``), not a lone ``/`` or ``~``."""
+    return (os.path.isabs(value) or value.startswith("~/")) and len(Path(value).parts) > 2
+
+
 def _no_abs_paths(value: Any) -> Any:
     """``value`` with every absolute-path string (keys too) cut to its last component."""
     if isinstance(value, dict):
         return {_no_abs_paths(k): _no_abs_paths(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_no_abs_paths(v) for v in value]
-    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+    if isinstance(value, str) and _is_path(value):
         return Path(value).name
     return value
+
+
+def _portable_hf_json(path: Path) -> None:
+    """Rewrite the path-recording keys of a Hugging Face JSON file, when they hold a path."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        return
+    found = {k: Path(v).name for k in HF_PATH_KEYS
+             if isinstance(v := data.get(k), str) and _is_path(v)}
+    if found:  # untouched files keep their bytes
+        path.write_text(json.dumps({**data, **found}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _portable_provenance(prov: dict) -> dict:
@@ -199,9 +220,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, seed: int | No
             shutil.copy2(sf.model, seed_dir / "model.safetensors")
             shutil.copy2(sf.labels, seed_dir / "labels.json")
             shutil.copytree(sf.encoder, seed_dir / "encoder")
-            for f in (seed_dir / "encoder").rglob("*.json"):  # HF writes name_or_path fields
-                f.write_text(json.dumps(_no_abs_paths(json.loads(f.read_text(encoding="utf-8"))), indent=2) + "\n",
-                             encoding="utf-8")
+            for f in (seed_dir / "encoder").rglob("*.json"):  # HF may record where it loaded from
+                _portable_hf_json(f)
             from mner.config import to_dict
 
             dst.config.write_text(yaml.safe_dump(_no_abs_paths(to_dict(cfg)), sort_keys=False), encoding="utf-8")

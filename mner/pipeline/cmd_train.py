@@ -92,7 +92,10 @@ def evaluate(
 
 
 def predict(
-    run: Annotated[Path, typer.Option("--run", help="run folder written by `mner train`")],
+    run: Annotated[Path, typer.Option(
+        "--run", "--run-dir",
+        help="run folder written by `mner train` (or `mner export`); spell it --run-dir under torchrun, "
+             "whose own parser takes --run for its --run-path")],
     text: Annotated[str | None, typer.Option("--text", help="one tweet as raw text")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="its image (optional)")] = None,
     input_file: Annotated[Path | None, typer.Option("--input", help="batch input: .conll/.txt or .jsonl")] = None,
