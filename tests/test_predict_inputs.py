@@ -70,6 +70,14 @@ def test_training_warns_about_a_duplicated_imgid(trained, data):
     assert trained[1].splitlines().count(line) == 1
 
 
+def same_entities(got, want, tol=1e-2):
+    """Equal entity lists, scores to within the rounding of a different batch composition."""
+    return len(got) == len(want) and all(
+        {k: v for k, v in g.items() if k != "score"} == {k: v for k, v in w.items() if k != "score"}
+        and abs(g["score"] - w["score"]) <= tol for g, w in zip(got, want, strict=True)
+    )
+
+
 def _lines(tmp_path, records, name="in.jsonl"):
     f = tmp_path / name
     f.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -184,9 +192,9 @@ def test_cli_reports_each_image_status(trained, predictor, zoo, tmp_path, mner_c
     ]
     assert [r["id"] for r in recs] == [*names, "8", "9"]
     # every post whose image is not used is tagged exactly like the post without an image
-    blind = predictor.predict([text], [None])[0]
-    assert all(r["entities"] == blind for r in recs[1:])
-    assert recs[0]["entities"] == predictor.predict([text], [zoo / "good.jpg"])[0]
+    blind = predictor(text, None)
+    assert all(same_entities(r["entities"], blind) for r in recs[1:])
+    assert same_entities(recs[0]["entities"], predictor(text, zoo / "good.jpg"))
     warn = err.splitlines()
     assert len(warn) == 7 and all(w.startswith("warning: ") and w.endswith("; tagged without it") for w in warn)
     for n, w in zip([2, 3, 4, 5, 6, 7, 9], warn, strict=True):
@@ -309,6 +317,6 @@ def test_predict_agrees_with_the_cache_and_the_training_predictions(trained, dat
     assert [r["image_status"] for r in recs] == want
     assert want.count("ok") == 12 and len(set(want)) >= 3  # good, missing and broken images
     pred = read_conll(run / "seed_1" / "pred_test.txt")
-    assert [[(e["type"], e["start"], e["end"]) for e in r["entities"]] for r in recs] == [
+    assert [[(e["entity_group"], e["word_start"], e["word_end"]) for e in r["entities"]] for r in recs] == [
         entities(t.labels) for t in pred
     ]

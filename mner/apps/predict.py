@@ -16,20 +16,22 @@ and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mner.data.images import ImageStatus
-from mner.errors import DataError
+from mner.errors import ConfigError, DataError
+from mner.train.crf import predict_scored
 from mner.train.data import NerDataset, VisualStore
-from mner.train.evaluation import load_run, predict_words
+from mner.train.evaluation import load_run
 
 # URLs, @handles and #hashtags stay whole, words keep inner apostrophes/hyphens, and
 # every other punctuation mark is its own token: how the Twitter-2015/2017 CoNLL files
@@ -114,6 +116,12 @@ class Post:
     image_ref: str | None = None
     lookup: ImageCheck | None = None
 
+    @property
+    def line(self) -> int | None:
+        """The post's line in its input file (None for a post not read from a file)."""
+        head, _, tail = self.where.rpartition(":")
+        return int(tail) if head and tail.isdigit() else None
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -121,34 +129,173 @@ class Prediction:
 
     Attributes:
         entities: ``{"type", "start", "end", "text"}`` per entity (word span
-            ``[start, end)``), plus ``"char_start"``/``"char_end"`` for raw-string input.
+            ``[start, end)``), plus ``"char_start"``/``"char_end"`` for raw-string input
+            (the shape :meth:`Predictor.predict` has always returned).
         image: :class:`ImageCheck` of the post's image.
+        scored: the same entities in the Hugging Face token-classification pipeline's
+            aggregated shape (see :func:`scored_entities`).
     """
 
     entities: list[dict]
     image: ImageCheck
+    scored: list[dict] = field(default_factory=list)
+
+    def record(self, post_id: str, line: int | None = None) -> dict:
+        """The post's output object: ``{"id", ["line",] "entities", "image_status"}``."""
+        rec: dict = {"id": post_id}
+        if line is not None:
+            rec["line"] = line
+        rec["entities"] = self.scored
+        rec["image_status"] = self.image.status
+        return rec
+
+
+#: Decimals of ``score`` in the output. The same post in batches of other posts gets the
+#: same entities, but padding changes float rounding: scores agree to ~1e-6 in float32
+#: and only to a few thousandths when the run decodes in bfloat16.
+SCORE_DECIMALS = 4
+
+
+def scored_entities(text: str | Sequence[str], ents: Sequence[tuple[str, int, int]],
+                    probs: Sequence[float]) -> list[dict]:
+    """Entities in the Hugging Face token-classification pipeline's aggregated shape.
+
+    Args:
+        text: the post as a raw string, or its tokens (then the text is the tokens
+            joined by single spaces, and the character offsets point into that).
+        ents: ``(type, word_start, word_end)`` per entity.
+        probs: each entity's span probability (:func:`mner.train.crf.span_probabilities`).
+
+    Returns:
+        ``{"entity_group", "score", "word", "start", "end", "word_start", "word_end"}``
+        per entity: ``start``/``end`` are character offsets (``text[start:end] == word``),
+        ``word_start``/``word_end`` the word span ``[word_start, word_end)``.
+    """
+    if isinstance(text, str):
+        offsets = tokenize(text)[1]
+    else:
+        offsets, pos = [], 0
+        for tok in text:
+            offsets.append((pos, pos + len(tok)))
+            pos += len(tok) + 1
+        text = " ".join(text)
+    out = []
+    for (typ, s, e), p in zip(ents, probs, strict=True):
+        a, b = offsets[s][0], offsets[e - 1][1]
+        out.append({"entity_group": typ, "score": round(float(p), SCORE_DECIMALS), "word": text[a:b],
+                    "start": a, "end": b, "word_start": s, "word_end": e})
+    return out
+
+
+class Entities(list):
+    """The entities of one post (a list of dicts, see :func:`scored_entities`).
+
+    Attributes:
+        image_status: what became of the post's image (``ok``, ``missing``, ...,
+            ``none``); a post whose image is not ``ok`` was tagged without it.
+    """
+
+    image_status: str = NO_IMAGE
 
 
 class Predictor:
     """Tag tweets with a trained run.
 
+    ``predictor("Kevin Durant in Oakland", "photo.jpg")`` returns the post's entities in
+    the Hugging Face pipeline's shape (:func:`scored_entities`); a list of texts (with a
+    list of images, or none) returns a list of them.
+
     Args:
-        run: the run folder ``mner train`` wrote.
+        run: the run folder ``mner train`` wrote, or a folder ``mner export`` wrote.
         seed: which seed's model (default: the best on dev).
         device: ``auto``, ``cpu`` or ``cuda[:i]``; also where image features are computed.
+        weights_dir: the folder of the vision weight files the training cache was made
+            with (``mner extract --weights-dir``), when it is not the one recorded (an
+            exported model, another machine).
     """
 
-    def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto"):
+    def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto",
+                 weights_dir: str | Path | None = None):
         self.loaded = load_run(Path(run), seed, device)
         self.device = device
         prov = (self.loaded.provenance.get("cache") or {}).get("provenance") or {}
-        self._cache_provenance = prov
         stored = prov.get("extract_config") or {}
+        if weights_dir is not None:
+            stored = {**stored, "weights_dir": str(weights_dir)}
+            prov = {**prov, "extract_config": stored}
+        elif not stored.get("weights_dir") and self.loaded.needs:
+            # An exported model drops the exporting machine's weights folder: features
+            # made from local weight files must not silently come from other weights here.
+            groups = {n.split("/")[0] for n in self.loaded.needs}
+            local = sorted(f"{g} ({(prov[g].get('weights') or {}).get('file')})" for g in groups
+                           if isinstance(prov.get(g), dict)
+                           and (prov[g].get("weights") or {}).get("source") == "local")
+            if local:
+                raise ConfigError(
+                    f"{run}: its image features came from local weight files ({', '.join(local)}); "
+                    "put them in a folder and pass it: mner.load(..., weights_dir=DIR)"
+                )
+        self._cache_provenance = prov
         # The guard the training cache was extracted with: an image too large there is too
         # large here. Text-only runs have no cache and use the extraction default.
         from mner.extract.images import DEFAULT_MAX_PIXELS
 
         self.max_pixels = int(stored.get("max_pixels") or DEFAULT_MAX_PIXELS)
+        self._extractors = None
+
+    def __call__(self, text, image=None):
+        """Entities of one post, or of a list of posts.
+
+        Args:
+            text: the post's raw text, or a list of texts.
+            image: for one text: an image file path, a PIL image, or None; for a list:
+                a list of those (one per text) or None (no images).
+
+        Returns:
+            For one text, an :class:`Entities` list of ``{"entity_group", "score",
+            "word", "start", "end", "word_start", "word_end"}`` with its
+            ``image_status``; for a list, a list of them.
+
+        Raises:
+            DataError: a text without words, or images not matching the texts.
+        """
+        import tempfile
+        import warnings
+
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if single:
+            images = [image]
+        elif image is None:
+            images = [None] * len(texts)
+        elif isinstance(image, (list, tuple)) and len(image) == len(texts):
+            images = list(image)
+        else:
+            raise DataError(f"{len(texts)} texts: pass a list of as many images (None for no image), or none")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not tokenize(t)[0]:
+                raise DataError(f"text {i} ({t!r:.40}) has no words to tag; pass the post's text as a string")
+        with tempfile.TemporaryDirectory(prefix="mner-") as tmp:
+            posts = []
+            for i, (t, im) in enumerate(zip(texts, images, strict=True)):
+                if im is not None and not isinstance(im, (str, os.PathLike)):
+                    if not hasattr(im, "save"):
+                        raise DataError(f"image {i}: expected a file path, a PIL image or None, found {type(im).__name__}")
+                    # PNG is lossless: the loader decodes the very pixels passed in.
+                    path = Path(tmp) / f"{i}.png"
+                    im.save(path, format="PNG")
+                    im = path
+                posts.append(Post(str(i), t, f"text {i}", None if im is None else Path(im),
+                                  None if im is None else str(im)))
+            results = self.tag(posts)
+        out = []
+        for p, r in zip(posts, results, strict=True):
+            if r.image.given and not r.image.ok:
+                warnings.warn(f"{image_line(p, r.image)}; tagged without it", stacklevel=2)
+            ents = Entities(r.scored)
+            ents.image_status = r.image.status
+            out.append(ents)
+        return out[0] if single else out
 
     def check_image(self, image: Post | str | os.PathLike | None) -> ImageCheck:
         """Status of a post's image, decoded as extraction decodes it.
@@ -266,16 +413,18 @@ class Predictor:
             ]
             visual = VisualStore(arrays, lr.needs, ids)
         ds = NerDataset(sentences, ids, lr.tokenizer, lr.cfg.max_length, None, None, visual)
-        tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
+        tags, scores = predict_scored(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision,
+                                      lr.tagset.decode)
         out = []
-        for words, offs, t, check in zip(sentences, offsets, tags, checks, strict=True):
+        for words, offs, t, sc, check, text in zip(sentences, offsets, tags, scores, checks, texts, strict=True):
             ents = []
-            for typ, s, e in entities(lr.tagset.decode(t)):
+            spans = entities(lr.tagset.decode(t))
+            for typ, s, e in spans:
                 ent = {"type": typ, "start": s, "end": e, "text": " ".join(words[s:e])}
                 if offs is not None:
                     ent["char_start"], ent["char_end"] = offs[s][0], offs[e - 1][1]
                 ents.append(ent)
-            out.append(Prediction(ents, check))
+            out.append(Prediction(ents, check, scored_entities(text, spans, [sc[x] for x in spans])))
         return out
 
     def _extract(self, image_paths: Sequence[Path | None]) -> _ArrayCache:
@@ -284,7 +433,15 @@ class Predictor:
 
         lr = self.loaded
         names = list(VisualStore(None, lr.needs, []).load_names)
-        arrays, ok = extract_arrays(list(image_paths), self._cache_provenance, names, device=str(lr.device))
+        if self._extractors is None:  # built once, reused for every batch
+            from mner.extract.api import config_from_provenance
+            from mner.extract.runner import build_extractors
+
+            groups = list(dict.fromkeys(n.split("/")[0] for n in names))
+            cfg = config_from_provenance(self._cache_provenance, groups, str(lr.device))
+            self._extractors = build_extractors(cfg, lr.device)
+        arrays, ok = extract_arrays(list(image_paths), self._cache_provenance, names, device=str(lr.device),
+                                    extractors=self._extractors)
         return _ArrayCache({n: np.asarray(a) for n, a in arrays.items()}, ok)
 
 
@@ -360,8 +517,6 @@ def _words(value: object, field: str, *, allow_string: bool) -> str | tuple[str,
 
 def _json_post(rec: object, n: int, where: str, images_dir: Path | None) -> Post:
     """One JSON line as a :class:`Post`; ValueError with the reason when it is malformed."""
-    from mner.data.conll import is_image_id
-
     if not isinstance(rec, dict):
         raise ValueError(f'expected an object with "text" or "tokens", found {_kind(rec)}')
     has = [k for k in ("text", "tokens") if k in rec]
@@ -370,6 +525,18 @@ def _json_post(rec: object, n: int, where: str, images_dir: Path | None) -> Post
     if len(has) == 2:
         raise ValueError('the object has both "text" and "tokens"; keep one')
     text = _words(rec[has[0]], has[0], allow_string=has[0] == "text")
+    pid = rec.get("id")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip()):
+        raise ValueError(f'"id" must be a non-empty string or an integer, found {_kind(pid)}')
+    post = _json_image(rec, text, n, where, images_dir)
+    # The post's own "id" (e.g. a tweet id) names it in the output; else its image id or line.
+    return post if pid is None else dataclasses.replace(post, id=str(pid))
+
+
+def _json_image(rec: dict, text, n: int, where: str, images_dir: Path | None) -> Post:
+    """The :class:`Post` of a JSON line, with its ``image`` / ``image_id`` resolved."""
+    from mner.data.conll import is_image_id
+
     image, iid = rec.get("image"), rec.get("image_id")
     if image is not None and iid is not None:
         raise ValueError('the object has both "image" and "image_id"; keep one')
@@ -398,8 +565,9 @@ def read_posts(path: str | os.PathLike, images_dir: str | os.PathLike | None) ->
     JSON lines hold ``{"text": "..."}`` (a string, or a list of strings) or
     ``{"tokens": [...]}``, and optionally ``"image"`` (a file path, used as given) or
     ``"image_id"`` (a file ``<id>.jpg``/``.jpeg``/``.png`` inside ``images_dir``; ids
-    follow the CoNLL IMGID rule, so they cannot name a path). Blank lines are skipped;
-    other keys are ignored.
+    follow the CoNLL IMGID rule, so they cannot name a path), and optionally ``"id"``
+    (a string or integer naming the post in the output; default the image id, else the
+    line number). Blank lines are skipped; other keys are ignored.
 
     A malformed JSON line (or CoNLL tweet) does not stop the others: it is returned as a
     problem.
@@ -434,14 +602,21 @@ def read_posts(path: str | os.PathLike, images_dir: str | os.PathLike | None) ->
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); write one object per line")
-            continue
-        try:
-            posts.append(_json_post(rec, n, where, images))
+            posts.append(json_line_post(line, n, path, images))
         except ValueError as exc:
-            problems.append(f"{where}: {exc}")
+            problems.append(f"{path}:{n}: {exc}")
     return posts, problems
+
+
+def json_line_post(line: str, n: int, path: Path, images_dir: Path | None) -> Post:
+    """Line ``n`` of a JSON-lines input as a :class:`Post`.
+
+    Raises:
+        ValueError: the line is malformed; the message says what is wrong and how to fix it.
+    """
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno}); write one object per line") from None
+    return _json_post(rec, n, f"{path}:{n}", images_dir)

@@ -46,7 +46,8 @@ def config_from_provenance(provenance: Mapping[str, Any], groups: Sequence[str],
 
 
 def extract_arrays(image_paths: Sequence[str | os.PathLike | None], provenance: Mapping[str, Any],
-                   names: Sequence[str], device: str = "cpu"
+                   names: Sequence[str], device: str = "cpu", *,
+                   extractors: Mapping[str, Any] | None = None,
                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of new images, computed by the extractors recorded in a cache.
 
@@ -58,6 +59,9 @@ def extract_arrays(image_paths: Sequence[str | os.PathLike | None], provenance: 
         provenance: ``FeatureCache.provenance`` of the cache the model was trained on.
         names: ``"group/dataset"`` names wanted (image groups).
         device: ``cpu``, ``cuda`` or ``auto``.
+        extractors: the built extractors of an earlier call with the same provenance,
+            groups and device (``build_extractors``), reused so that batch after batch
+            of a bulk prediction does not rebuild the vision models.
 
     Returns:
         ``(arrays, image_ok)``: ``arrays[name]`` (B, ...) like the cache rows (zeros for
@@ -69,7 +73,7 @@ def extract_arrays(image_paths: Sequence[str | os.PathLike | None], provenance: 
         raise CacheError(f"extract_arrays: {', '.join(bad)} is not an image feature")
     cfg = config_from_provenance(provenance, groups, device)
     dev = resolve_device(device)
-    ex = build_extractors(cfg, dev)
+    ex = extractors if extractors is not None else build_extractors(cfg, dev)
     transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip", "caption") if g in ex}
     if "detector" in ex:
         transforms["raw"] = ex["detector"].preprocess

@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
                                   "cache). Default 1; under torchrun, leave it out."),
     ) -> None:
         """Run the frozen vision models over images into an HDF5 feature cache (resumable)."""
-        from mner.extract.runner import run_extract
+        from mner.apps.api import extract as run_extract  # the Python API's mner.extract
 
         # click has no variadic options: `--data a b c` leaves b and c as extra arguments.
         if ctx.args and not data:

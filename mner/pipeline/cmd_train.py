@@ -1,4 +1,4 @@
-"""Stage two's commands: ``mner train``, ``evaluate``, ``predict`` and ``models``."""
+"""Stage two's commands: ``mner train``, ``evaluate``, ``predict``, ``export`` and ``models``."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ def train(
     override_alias: OverrideAliasOpt = None,
 ) -> None:
     """Fine-tune encoder + fusion head + CRF on cached features; writes RUN/metrics.json."""
+    from mner.apps.api import train as train_run  # the Python API's mner.train
     from mner.config import configure
     from mner.train.config import TrainConfig, route_head_options
-    from mner.train.trainer import train_run
 
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     # -o sets a train option (epochs=3) or a head option (head.no_cm=true, or no_cm=true
@@ -69,7 +69,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="print the scores as JSON")] = False,
 ) -> None:
     """Score a trained run on a CoNLL file (overall, per type, image-dependent subset)."""
-    from mner.train.evaluation import evaluate_run
+    from mner.apps.api import evaluate as evaluate_run  # the Python API's mner.evaluate
 
     r = evaluate_run(run, data, seed=seed, features=features, device=device, pred_out=pred)
     if as_json:
@@ -92,7 +92,10 @@ def evaluate(
 
 
 def predict(
-    run: Annotated[Path, typer.Option("--run", help="run folder written by `mner train`")],
+    run: Annotated[Path, typer.Option(
+        "--run", "--run-dir",
+        help="run folder written by `mner train` (or `mner export`); spell it --run-dir under torchrun, "
+             "whose own parser takes --run for its --run-path")],
     text: Annotated[str | None, typer.Option("--text", help="one tweet as raw text")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="its image (optional)")] = None,
     input_file: Annotated[Path | None, typer.Option("--input", help="batch input: .conll/.txt or .jsonl")] = None,
@@ -104,20 +107,46 @@ def predict(
         bool,
         typer.Option("--strict-images", help="stop, before tagging anything, if any named image is not ok"),
     ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="with --input: stream the predictions into this JSON-lines file (resumable)"),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="with --out: posts per batch", min=1)] = 64,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="with --out: progress bar (default: on a terminal)")
+    ] = None,
 ) -> None:
-    """Print the entities (type, word span, characters) of new tweets.
+    """Print the entities (type, word span, characters, score) of new tweets.
 
     Each post's image gets a status (``image_status`` in --json: ok, missing, truncated,
     not_image, empty, too_large, unreadable, outside, or none when the post names no
     image); a post whose image is not ok is tagged without it, with a warning line.
     Malformed posts (JSON lines, CoNLL tweets) are listed at the end (exit 2) after the
-    others are tagged.
+    others are tagged. --out streams any number of posts into a file, resumably (also
+    under torchrun).
     """
     from mner.apps.predict import Post, Predictor, image_line, read_posts, tokenize
     from mner.errors import DataError
 
     if (text is None) == (input_file is None):
         raise ConfigError("predict: pass either --text \"...\" [--image PATH] or --input FILE")
+    if out is not None:
+        if input_file is None:
+            raise ConfigError("predict: --out goes with --input FILE; for --text, use --json and redirect it")
+        from mner.apps.api import predict_file
+
+        res = predict_file(run, input_file, out, images=images, seed=seed, device=device, batch_size=batch_size,
+                           strict_images=strict_images, progress=progress)
+        if res.problems:
+            from mner.apps.bulk import problems_path
+
+            raise DataError(
+                f"{input_file}: {len(res.problems)} line(s) could not be read (listed above and in "
+                f"{problems_path(out)}); the other posts are in {out}; fix those lines and run them again"
+            )
+        typer.echo(f"predict: wrote {res.written} post(s) to {res.out}"
+                   + (f" ({res.skipped} already there)" if res.skipped else ""), err=True)
+        return
     # A flag of the other mode would be ignored, and the posts tagged without the images meant.
     if text is not None and images is not None:
         raise ConfigError("predict: --images goes with --input; give --text its image with --image PATH")
@@ -143,16 +172,15 @@ def predict(
             typer.echo(f"warning: {image_line(p, r.image)}; tagged without it", err=True)
     for p, r in zip(posts, results, strict=True):
         if as_json:
-            typer.echo(json.dumps({"id": p.id, "entities": r.entities, "image_status": r.image.status},
-                                  ensure_ascii=False))
+            typer.echo(json.dumps(r.record(p.id, p.line), ensure_ascii=False))
             continue
         if text is None:
             typer.echo(f"{p.id}: {' '.join(p.text) if not isinstance(p.text, str) else p.text}")
-        for e in r.entities:
+        for e, sc in zip(r.entities, r.scored, strict=True):
             where = f"words {e['start']}-{e['end']}"
             if "char_start" in e:
                 where += f", chars {e['char_start']}-{e['char_end']}"
-            typer.echo(f"  {e['type']:4} {e['text']!r} ({where})")
+            typer.echo(f"  {e['type']:4} {e['text']!r} ({where}, score {sc['score']:.2f})")
         if not r.entities:
             typer.echo("  (no entities)")
     if problems:
@@ -162,6 +190,19 @@ def predict(
             f"{input_file}: {len(problems)} post(s) could not be read (listed above); "
             f"the other {len(posts)} were tagged; fix those lines and run them again"
         )
+
+
+def export(
+    run: Annotated[Path, typer.Argument(help="run folder written by `mner train`")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write, e.g. models/umt")],
+    seed: Annotated[int | None, typer.Option("--seed", help="which seed (default: best on dev)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing --out")] = False,
+) -> None:
+    """Write a run's model as a self-contained folder with a model card (README.md)."""
+    from mner.apps.api import export as export_model
+
+    path = export_model(run, out, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {path} (model card: {path / 'README.md'}); load it with mner.load({str(path)!r})")
 
 
 def models(
@@ -199,4 +240,5 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("predict")(predict)
+    app.command("export")(export)
     app.command("models")(models)
