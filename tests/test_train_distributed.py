@@ -353,3 +353,25 @@ def test_info_nce_without_ranks_is_unchanged():
     a, b = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     with distributed.gathering():  # no process group: nothing to gather
         assert info_nce(a, b, 0.5).item() == info_nce(a, b, 0.5).item()
+
+
+# -- --nproc and dvc ----------------------------------------------------------------------
+
+
+def test_nproc_flag_and_dvc_stages(mner_cli, monkeypatch):
+    import yaml
+
+    from mner.pipeline.cmd_train import _without_nproc
+
+    assert _without_nproc(["train", "--nproc", "2", "--out", "r", "--nproc=3", "-o", "x=1"]) == [
+        "train", "--out", "r", "-o", "x=1"]
+    code, _, err = mner_cli("train", "--nproc", "0", "--data", "d", "--out", "r")
+    assert code == 2 and "--nproc" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="under torchrun leave --nproc out"):
+        distributed.launch(2, ["train"])
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["pipeline"]["nproc"] == 1  # dvc repro: one process unless asked
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "--nproc ${pipeline.nproc}" in stages["train"]["cmd"]
+    assert "--nproc ${pipeline.nproc}" in stages["extract"]["do"]["cmd"]

@@ -462,11 +462,14 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     args = get_args_parser().parse_args(
         ["--standalone", "--nproc-per-node", str(nproc), "--module", "mner", *argv]
     )
-    # Keep torchrun's own chatter (rendezvous, OMP warning) off the user's terminal.
+    # Keep torchrun's own chatter (rendezvous, OMP warning, its failure report) off the
+    # user's terminal: each failed rank has printed its one-line error already.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     import logging
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(args)
     except ChildFailedError as exc:

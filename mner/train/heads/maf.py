@@ -139,6 +139,11 @@ class MafHead(FusionHead):
     """MAF fusion head: alignment (CA), interaction (CI), matching (CM), gated fusion (CF).
 
     ``out_dim`` is 2 * text_dim (H = [T; R], section 3.5).
+
+    Distributed training: under DDP the alignment loss (CA, eqs. 1-3) gathers the
+    pooled text and image embeddings of every rank (``losses.info_nce``), so each image
+    meets the negatives of the whole global batch as in one process, and gradients
+    reach the rank that owns each row; the other parts are per tweet.
     """
 
     name = "maf"
