@@ -7,8 +7,11 @@ the same global batches, the same optimizer steps. Prints the median seconds per
 of each (epochs after the first, which pays for warm-up), the speed-up and the scaling
 efficiency (speed-up / N; target on a GPU machine >= 0.9).
 
-On a CPU each rank gets ``cores // N`` threads and the one-process run all cores, so
-the ratio says what DDP costs or gains against intra-op threading on the same cores.
+Every rank, the one-process run's included, gets the same share of the machine: one GPU
+each on CUDA, ``cores // N`` intra-op threads each on a CPU (``--train-threads``), so
+world size N uses N times the hardware of world size 1, as with GPUs. (Giving the
+one-process run every core instead measures intra-op threading against DDP; on a
+contended CPU that mostly measures OpenMP threads waiting on each other.)
 
 Used by ``benchmarks/scale.py`` (``add_arguments`` / ``run``), or alone::
 
@@ -49,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global batch (each of N ranks takes 1/N)")
     parser.add_argument("--train-profile", "--profile", dest="train_profile", default="tiny")
     parser.add_argument("--train-device", dest="train_device", default="auto")
+    parser.add_argument("--train-threads", dest="train_threads", type=int, default=None,
+                        help="intra-op threads per rank on a CPU (default cores // nproc)")
 
 
 def _sample(tmp: Path) -> Path:
@@ -63,7 +68,8 @@ def _train(args, data: Path, out: Path, nproc: int) -> list[float]:
     cmd = [sys.executable, "-m", "mner", "train", "--data", str(data), "--out", str(out),
            "--model", args.train_model, "--profile", args.train_profile, "--nproc", str(nproc),
            "-o", f"epochs={args.train_epochs}", "-o", f"batch_size={args.train_batch_size}",
-           "-o", "global_batch=true", "-o", "patience=0", "-o", f"device={args.train_device}"]
+           "-o", "global_batch=true", "-o", "patience=0", "-o", f"device={args.train_device}",
+           "-o", f"threads={args.train_threads or max(1, (os.cpu_count() or 1) // args.nproc)}"]
     if args.train_features:
         cmd += ["--features", args.train_features]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -88,7 +94,8 @@ def run(args) -> list[str]:
     return [
         f"training ({args.train_model}, {args.train_profile} profile, global batch "
         f"{args.train_batch_size}, {len(one)} epochs; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores):",
+        f"{os.cpu_count()} cores, {args.train_threads or max(1, (os.cpu_count() or 1) // n)} thread(s) "
+        "per rank):",
         f"  world size 1: {s1:.2f} s/epoch",
         f"  world size {n} (DDP): {sn:.2f} s/epoch",
         f"  speed-up {speed:.2f}x, scaling efficiency {speed / n:.2f} (target on GPUs >= 0.9)",

@@ -328,6 +328,30 @@ def test_ddp_resume_after_kill_equals_the_uninterrupted_ddp_run(ddp_pair, mini, 
             (two / "seed_1" / "metrics.json").read_text())[split]
 
 
+@pytest.mark.slow
+def test_ddp_contrastive_head_matches_one_process(sample_dir, tiny_cache, env, tmp_path):
+    """MAF's alignment loss gathers negatives across ranks: without CM (random swaps
+    within a rank's share) and dropout, 2 DDP ranks give the one-process losses."""
+    from mner.train import encoder as encoders
+
+    extra = ["-o", "head.no_cm=true", "-o", "head.dropout=0", *DDP_OPTS]
+    one, two = tmp_path / "one", tmp_path / "two"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(encoders, "build_tiny", _no_dropout_build(encoders.build_tiny))
+        cfg = make_train_config(
+            {"model": "maf", "profile": "tiny"},
+            ["epochs=1", "amp=off", "dropout=0", "threads=1", "patience=0", "head.no_cm=true",
+             "head.dropout=0", "global_batch=true", "batch_size=16"],
+        )
+        train_run(cfg, sample_dir, tiny_cache, one)
+    _torchrun(env, "train", "--data", sample_dir, "--features", tiny_cache, "--out", two, "--model", "maf",
+              "--profile", "tiny", "-o", "epochs=1", "-o", "amp=off", "-o", "dropout=0", "-o", "threads=1",
+              "-o", "patience=0", *extra)
+    for a, b in zip(_history(one), _history(two), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=LOSS_RTOL)
+        assert b["dev_f1"] == a["dev_f1"]
+
+
 # -- seed-parallel ----------------------------------------------------------------------
 
 
