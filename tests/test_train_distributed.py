@@ -34,17 +34,11 @@ EPOCHS = 2
 #: Relative tolerance of DDP vs one-process per-epoch losses (float summation order).
 LOSS_RTOL = 1e-4
 
-NO_DROPOUT = textwrap.dedent(
-    '''
-    """Tests only: the tiny encoder without dropout (patched when mner imports it)."""
-    import importlib.abc
-    import importlib.util
-    import sys
-
-
-    def _no_dropout(module):
-        build = module.build_tiny
-
+#: ``build_tiny`` without dropout; defined once as source, for this process and for the
+#: ``sitecustomize`` hook below that patches it into every process torchrun starts.
+NO_DROPOUT_BUILD = textwrap.dedent(
+    """
+    def no_dropout_build(build):
         def build_tiny(*args, **kwargs):
             import torch
 
@@ -57,7 +51,19 @@ NO_DROPOUT = textwrap.dedent(
                     m.dropout_prob = 0.0
             return enc, tok
 
-        module.build_tiny = build_tiny
+        return build_tiny
+    """
+)
+_ns: dict = {}
+exec(NO_DROPOUT_BUILD, _ns)
+_no_dropout_build = _ns["no_dropout_build"]
+
+NO_DROPOUT = '"""Tests only: the tiny encoder without dropout (patched when mner imports it)."""\n' + \
+    NO_DROPOUT_BUILD + textwrap.dedent(
+    """
+    import importlib.abc
+    import importlib.util
+    import sys
 
 
     class _Hook(importlib.abc.MetaPathFinder):
@@ -70,14 +76,14 @@ NO_DROPOUT = textwrap.dedent(
 
             def exec_module(module):
                 run(module)
-                _no_dropout(module)
+                module.build_tiny = no_dropout_build(module.build_tiny)
 
             spec.loader.exec_module = exec_module
             return spec
 
 
     sys.meta_path.insert(0, _Hook())
-    '''
+    """
 )
 
 
@@ -225,22 +231,6 @@ def test_info_nce_gathered_over_two_ranks_equals_one_process(env, tmp_path):
 
 
 # -- DDP runs ---------------------------------------------------------------------------
-
-
-def _no_dropout_build(build):
-    """``build_tiny`` without dropout, as the ``sitecustomize`` hook patches it in subprocesses."""
-
-    def build_tiny(*args, **kwargs):
-        enc, tok = build(*args, **kwargs)
-        enc.config.hidden_dropout_prob = enc.config.attention_probs_dropout_prob = 0.0
-        for m in enc.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-            if hasattr(m, "dropout_prob"):
-                m.dropout_prob = 0.0
-        return enc, tok
-
-    return build_tiny
 
 
 def _cfg(*extra):
