@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +29,11 @@ def train(
     seeds: Annotated[str | None, typer.Option("--seeds", help="comma-separated seeds, one run each, e.g. 1,2,3")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --out")] = False,
+    nproc: Annotated[int, typer.Option(
+        "--nproc", min=1,
+        help="ranks to start on this machine (runs torchrun itself; 1: one process); one seed: DDP, "
+             "several: seed-parallel (-o parallel=ddp|seeds forces one)",
+    )] = 1,
     params: ParamsOpt = None,
     override: OverrideOpt = None,
     override_alias: OverrideAliasOpt = None,
@@ -35,9 +41,16 @@ def train(
     """Fine-tune encoder + fusion head + CRF on cached features; writes RUN/metrics.json."""
     from mner.apps.api import train as train_run  # the Python API's mner.train
     from mner.config import configure
+    from mner.train import distributed
     from mner.train.config import TrainConfig, route_head_options
 
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    if nproc > 1:
+        # The same command under torchrun, without --nproc; each rank prints its own errors.
+        code = distributed.launch(nproc, _without_nproc(sys.argv[1:]))
+        if code:
+            raise typer.Exit(code)
+        return
     # -o sets a train option (epochs=3) or a head option (head.no_cm=true, or no_cm=true
     # when no_cm is only a head option); --seeds "1,2,3" is read like -o seeds=1,2,3.
     cfg = configure(
@@ -49,7 +62,14 @@ def train(
         route=route_head_options,
     )
     src = data[0] if len(data) == 1 else data
-    result = train_run(cfg, src, features, out, resume=resume, overwrite=overwrite)
+    try:
+        result = train_run(cfg, src, features, out, resume=resume, overwrite=overwrite)
+    except distributed.RankFailed:
+        if distributed.world().is_main:
+            raise
+        raise typer.Exit(2) from None  # rank 0 prints the one line
+    if not distributed.world().is_main:
+        return
     s = result["summary"]
     line = f"{cfg.model}: dev F1 {s['dev']['overall']['f1']['mean']:.2f}"
     if s["test"] is not None:
@@ -57,6 +77,19 @@ def train(
         if s["test"]["image_dependent"] is not None:
             line += f" (image-dependent {s['test']['image_dependent']['f1']['mean']:.2f})"
     typer.echo(f"{line}; wrote {out}/metrics.json")
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def evaluate(

@@ -103,6 +103,13 @@ class TrainConfig:
         min_image_coverage: a model that reads visual features stops before training
             when fewer than this share of the train tweets have an ``ok`` image in the
             cache (a cache made for another dataset); 0 disables the check.
+        parallel: what several torchrun ranks do: ``ddp`` (train each seed together with
+            DistributedDataParallel), ``seeds`` (seed-parallel: each rank trains its own
+            seeds) or ``auto`` (``seeds`` for several seeds, else ``ddp``); ignored in
+            one process. See mner.train.distributed.
+        global_batch: under DDP, ``batch_size`` is the batch of all ranks together
+            (each rank takes its share) instead of each rank's (effective batch
+            ``batch_size x ranks``); true gives the one-process run's steps.
         head: the head's options (its ``Config`` fields), filled with defaults.
         recipe: written by mner, not a setting: ``name`` (the head whose paper recipe
             filled the unset fields, or ``tiny``), ``dataset`` (whose per-dataset values
@@ -138,6 +145,8 @@ class TrainConfig:
     bucket_size: int = 8
     dataset_name: str | None = None
     min_image_coverage: float = 0.5
+    parallel: Literal["auto", "ddp", "seeds"] = "auto"
+    global_batch: bool = False
     head: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict)
 

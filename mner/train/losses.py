@@ -3,6 +3,14 @@
 The papers' image-text contrastive objectives (MAF eqs. 1-3, BFCL eqs. 13-15, MGC eqs.
 9-12, MGIPS-CL eq. 17) are all the same InfoNCE over a batch of paired embeddings, in
 one or both directions; heads call :func:`info_nce` instead of writing their own.
+
+Under DDP (``train.parallel: ddp`` with several ranks) :func:`info_nce` gathers the
+rows of every rank during a training step, so each anchor meets the negatives of the
+whole global batch, as in one process; gradients flow back to the rank that owns each
+row, and the averaged gradient is the one-process gradient. Multi-positive calls
+(``positives=``, a (B, B) relation that exists only within one rank's rows) are computed
+within each rank's share. A head must therefore call it the same number of times on
+every rank (decided by its config, never by its data); a mismatch is an error.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from mner.train import distributed
 
 Direction = Literal["a2b", "b2a", "both"]
 
@@ -58,6 +68,12 @@ def info_nce(
         raise ValueError(f"info_nce expects two (B, D) tensors of one shape, got {a.shape} {b.shape}")
     if temperature <= 0:
         raise ValueError("temperature must be positive")
+    if positives is None and distributed.gathering_active():
+        (a, b), valid = distributed.gather_rows(
+            [a, b],
+            torch.ones(a.shape[0], dtype=torch.bool, device=a.device) if valid is None else valid,
+            distributed.caller_site(),
+        )
     B = a.shape[0]
     if valid is None:
         valid = torch.ones(B, dtype=torch.bool, device=a.device)

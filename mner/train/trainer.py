@@ -16,6 +16,11 @@ lock for the whole run, resolves the precision once and writes ``config.yaml`` a
 * :func:`final_evaluation`: dev and test decoded once with the best model (test never
   takes part in model selection), predictions, diagnostics and the seed's metrics.
 
+Under ``torchrun`` (see :mod:`mner.train.distributed`) the same functions run on every
+rank: with DDP each rank trains on its share of each global batch and rank 0 alone
+writes, evaluates and checkpoints (its results reach the others by broadcast);
+seed-parallel ranks each run their own seeds as one-process runs.
+
 Nothing here is head-specific: heads are reached only through ``mner.train.heads.base``;
 where files go is :mod:`mner.train.runs`'s business.
 
@@ -30,7 +35,9 @@ pauses the process there instead).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -54,9 +61,11 @@ from mner.devices import autocast, replay_precision, resolve_device, resolve_pre
 from mner.errors import CacheError, ConfigError, DataError, MnerError
 from mner.locks import locked
 from mner.provenance import mner_version, sha256_file
+from mner.train import distributed
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
 from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
+from mner.train.distributed import World
 from mner.train.evaluation import group_diagnostics, marked_for, predict_words, score_split
 from mner.train.model import Tagger, param_groups
 from mner.train.runs import (
@@ -252,22 +261,27 @@ def _checkpoint_in(folder: Path) -> Path | None:
     return old if (old / "state.json").exists() else None
 
 
-def _write_checkpoint_files(tmp: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
+def _write_checkpoint_files(tmp: Path, model, optimizer, scheduler, scaler, state: dict,
+                            rank_rngs: list | None = None) -> None:
     save_model(model, str(tmp / "model.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": _rng_state(),
-        },
-        tmp / "state.pt",
-    )
+    blob = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": _rng_state(),
+    }
+    if rank_rngs is not None:
+        # DDP: every rank's generators (dropout draws differ by rank), so each continues.
+        blob["rank_rngs"] = rank_rngs
+    torch.save(blob, tmp / "state.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: dict) -> None:
+def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: dict,
+                    rank_rngs: list | None = None) -> None:
     """Write the full training state to ``folder`` atomically.
+
+    ``rank_rngs`` (DDP) holds every rank's random generator states, in rank order.
 
     Written into ``folder.tmp`` first, then swapped in by renames, so an interruption or
     a failed write leaves either the previous or the new checkpoint, never a torn one.
@@ -281,7 +295,7 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, scaler, state: di
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _write_checkpoint_files(tmp, model, optimizer, scheduler, scaler, state)
+        _write_checkpoint_files(tmp, model, optimizer, scheduler, scaler, state, rank_rngs)
     except (OSError, RuntimeError, SafetensorError) as exc:
         # torch.save and safetensors report a failed write as RuntimeError / SafetensorError.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -320,8 +334,10 @@ def _load_state(path: Path) -> dict:
         ) from None
 
 
-def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> dict | None:
+def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> dict | None:
     """Restore a checkpoint written by :func:`save_checkpoint`; None when there is none.
+
+    ``rank`` picks this rank's random generator states in a DDP checkpoint.
 
     Raises:
         DataError: a damaged or untrusted checkpoint file (one line naming it).
@@ -336,7 +352,9 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler, scaler) -> dict |
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
-    _set_rng_state(blob["rng"])
+    rngs = blob.get("rank_rngs")
+    _set_rng_state(rngs[rank] if rngs and rank < len(rngs) else blob["rng"])
+    state.pop("world_size", None)
     return state
 
 
@@ -380,12 +398,20 @@ def train_epoch(
     num_workers: int = 0,
     desc: str = "train",
     batch_hook: Callable | None = None,
+    weights: Sequence[float] | None = None,
+    ddp: torch.nn.Module | None = None,
 ) -> float:
     """One pass over ``batches``; returns the mean total loss.
 
     Args:
         batch_hook: optional ``f(batch) -> batch`` applied after collation (the
             training benchmark uses it to compute features per batch from images).
+        weights: per batch, the weight of its loss (DDP: this rank's share of the
+            global batch, see :func:`mner.train.distributed.shard`); the returned
+            mean is then of the weighted losses.
+        ddp: ``model`` wrapped by :func:`mner.train.distributed.wrap_ddp`; the loss is
+            computed through it, so gradients are averaged over the ranks and the
+            contrastive losses gather their negatives across ranks.
 
     Raises:
         NonFiniteLoss: the loss became NaN/inf; names the batch's damaged features if any.
@@ -396,14 +422,21 @@ def train_epoch(
     )
     total, n = 0.0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None)
-    for batch in bar:
+    for i, batch in enumerate(bar):
         if batch_hook is not None:
             batch = batch_hook(batch)
         batch = batch.to(device)
+        weight = 1.0 if weights is None else float(weights[i])
         with autocast(device, precision):
-            loss, _ = model.loss(batch)
+            if ddp is None:
+                loss, _ = model.loss(batch)
+            else:
+                with distributed.gathering(rows_valid=weight > 0):
+                    loss, _ = ddp(batch)
         if not torch.isfinite(loss):
             raise _nonfinite_loss(loss.item(), batch, dataset, desc)
+        if weights is not None:
+            loss = loss * weight
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -448,13 +481,18 @@ def train_run(
             its first checkpoint starts afresh, exactly as an uninterrupted run.
         overwrite: replace a run already in ``out`` (its seed folders and results).
 
+    Under ``torchrun`` every rank calls this; ``train.parallel`` decides between DDP
+    and seed-parallel (see :mod:`mner.train.distributed`), and every rank returns the
+    summary.
+
     Returns:
         The contents of ``out/metrics.json``.
     """
-    if cfg.threads is None:
+    threads = distributed.rank_threads(cfg.threads, distributed.world())
+    if threads is None:
         return _train_run(cfg, data, features, out, resume, overwrite)
     before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(threads)
     try:
         return _train_run(cfg, data, features, out, resume, overwrite)
     finally:
@@ -474,13 +512,26 @@ class RunContext:
     device: torch.device
     precision: str
     resume: bool
+    #: this process among the ranks (World() outside torchrun and for seed-parallel ranks)
+    world: World = field(default_factory=World)
+    #: ``single``, ``ddp`` or ``seeds`` (see :func:`mner.train.distributed.choose_mode`)
+    mode: str = "single"
+
+    @property
+    def ddp(self) -> bool:
+        """True when this seed is trained by several DDP ranks."""
+        return self.mode == "ddp" and self.world.world_size > 1
+
+    @property
+    def ranks(self) -> int:
+        """DDP ranks training each seed (1 unless :attr:`ddp`)."""
+        return self.world.world_size if self.ddp else 1
 
 
-def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: bool) -> dict:
+def _open_inputs(cfg: TrainConfig, data, features: Path | None, report: bool):
+    """Read the splits, open the cache and (``report``: on rank 0) check image coverage."""
     from mner.data.dataset import load_splits
 
-    folder = RunFolder(Path(out))
-    features = Path(features) if features is not None else None
     splits = load_splits(data)
     for need in ("train", "valid"):
         if not splits.get(need):
@@ -490,19 +541,48 @@ def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: b
     # The paper recipe's per-dataset values: the data folder's name when dataset_name is unset.
     cfg = cfg.for_dataset(data_dir.resolve().name)
     coverage = None
-    if cache is not None and needs:
+    if report and cache is not None and needs:
         coverage = image_coverage(cache, splits)
         check_coverage(cfg, cache, coverage, data_dir)
-    device = resolve_device(cfg.device)
+    return splits, cache, needs, data_dir, coverage
+
+
+def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: bool) -> dict:
+    w = distributed.world()
+    mode = distributed.choose_mode(cfg.parallel, len(cfg.seeds), w.world_size)
+    device = distributed.rank_device(resolve_device(cfg.device), w)
+    with distributed.process_group(device, mode):
+        return _train_ranks(cfg, data, features, out, resume, overwrite, w, mode, device)
+
+
+def _train_ranks(cfg: TrainConfig, data, features, out, resume: bool, overwrite: bool, w: World,
+                 mode: str, device: torch.device) -> dict:
+    folder = RunFolder(Path(out))
+    features = Path(features) if features is not None else None
+    # Checks every rank would fail alike are made (and reported) by rank 0 first.
+    splits, cache, needs, data_dir, coverage = distributed.main_first(
+        lambda: _open_inputs(cfg, data, features, report=w.is_main), w
+    )
     try:
-        with locked(folder.root, folder=True, what="run folder"):
-            precision = run_precision(cfg, device, folder, resume)
-            _prepare_out(cfg, folder, resume, overwrite)
-            _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage)
-            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume)
-            runs = [train_seed(ctx, seed) for seed in cfg.seeds]
+        with contextlib.ExitStack() as held:
+
+            def prepare() -> str:
+                # Rank 0 alone takes the run folder's lock (for the whole run) and writes.
+                held.enter_context(locked(folder.root, folder=True, what="run folder"))
+                precision = run_precision(cfg, device, folder, resume)
+                _prepare_out(cfg, folder, resume, overwrite)
+                _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage,
+                                  {"world_size": w.world_size, "mode": mode})
+                return precision
+
+            precision = distributed.on_main(prepare, w)
+            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume, w, mode)
+            if mode == "seeds":
+                runs = _seed_parallel(ctx)
+            else:
+                runs = [train_seed(ctx, seed) for seed in cfg.seeds]
             summary = summarize(cfg, runs)
-            folder.write_metrics(summary)
+            distributed.on_main(lambda: folder.write_metrics(summary), w)
     except OSError as exc:
         # The environment refused a write (full disk, size limit, read-only or not a
         # folder): one line naming the file; what was written before stays usable.
@@ -510,6 +590,24 @@ def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: b
             raise
         raise write_failed(Path(exc.filename or folder.root), exc) from None
     return summary
+
+
+def _seed_parallel(ctx: RunContext) -> list[dict]:
+    """Seed-parallel: rank r trains seeds r, r + N, ... as one-process runs.
+
+    Each seed is trained exactly as :func:`train_seed` trains it in one process (its
+    own seed folder, checkpoints and metrics, written by the rank that trains it);
+    the records are gathered once all ranks are done, in ``cfg.seeds`` order.
+    """
+    w = ctx.world
+    mine = ctx.cfg.seeds[w.rank :: w.world_size]
+    if not mine and w.rank == len(ctx.cfg.seeds):
+        print(f"warning: {w.world_size} ranks for {len(ctx.cfg.seeds)} seeds; ranks "
+              f"{len(ctx.cfg.seeds)}.. have no seed to train", file=sys.stderr)
+    solo = dataclasses.replace(ctx, world=World(), mode="single")
+    done = distributed.everywhere(lambda: [train_seed(solo, s) for s in mine], w)
+    records = {r["seed"]: r for part in done for r in part}
+    return [records[s] for s in ctx.cfg.seeds]
 
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
@@ -550,7 +648,7 @@ def _prepare_out(cfg: TrainConfig, folder: RunFolder, resume: bool, overwrite: b
 
 
 def _write_provenance(cfg, folder: RunFolder, splits, data_dir: Path, cache, needs, precision: str,
-                      coverage: dict | None) -> None:
+                      coverage: dict | None, parallel: dict | None = None) -> None:
     files = sorted({t.source for tweets in splits.values() for t in tweets[:1]})
     prov = {
         "dataset": {
@@ -563,6 +661,9 @@ def _write_provenance(cfg, folder: RunFolder, splits, data_dir: Path, cache, nee
         # Autocast precision the run trained and evaluated in; mner evaluate/predict reuse it.
         "precision": precision,
         "mner_version": mner_version(),
+        # torchrun ranks and what they did (mode: single, ddp or seeds); a DDP seed
+        # resumes only with the same world size (its checkpoint records it too).
+        "parallel": parallel or {"world_size": 1, "mode": "single"},
     }
     if cache is not None:
         prov["cache"] = {
@@ -615,6 +716,8 @@ class SeedRun:
     state: dict = field(default_factory=_fresh_state)
     #: True when continuing from a checkpoint (False: from scratch, resumed or not).
     continued: bool = False
+    #: DDP: ``model`` wrapped for gradient averaging (None in one process).
+    ddp: torch.nn.Module | None = None
 
 
 def train_seed(ctx: RunContext, seed: int) -> dict:
@@ -625,7 +728,8 @@ def train_seed(ctx: RunContext, seed: int) -> dict:
     run = setup_seed(ctx, seed)
     _kill_point("setup")
     fit(ctx, run)
-    return final_evaluation(ctx, run)
+    # Rank 0 alone decodes dev and test with the full model: one-process numbers.
+    return distributed.on_main(lambda: final_evaluation(ctx, run), ctx.world)
 
 
 def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
@@ -636,11 +740,11 @@ def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
     weights, or the seeded tiny BERT), never rebuilt from the saved config, whose weights
     would be random.
     """
-    cfg = ctx.cfg
+    cfg, w = ctx.cfg, ctx.world
     paths = ctx.folder.seed(seed)
     seed_everything(seed, cfg.deterministic)
-    paths.path.mkdir(parents=True, exist_ok=True)
-    continued = ctx.resume and _checkpoint_in(paths.checkpoint) is not None
+    # Rank 0 decides (and checks) whether to continue; the other ranks follow.
+    continued = distributed.on_main(lambda: _continues(ctx, paths), w)
 
     # The encoder folder is written once; a continued run reloads its tokenizer instead
     # of re-training it, so the vocabulary cannot drift between the two halves of a run
@@ -651,15 +755,21 @@ def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
         enc, tokenizer = encoders.build_tiny([t.tokens for t in ctx.splits["train"]], seed, cfg.max_length)
     else:
         enc, tokenizer = encoders.load_pretrained(cfg.encoder)
-    encoders.save(enc, tokenizer, paths.encoder)
     types = {lab[2:] for t in ctx.splits["train"] for lab in t.labels if lab != "O"}
     tagset = TagSet(cfg.resolved_scheme(), types)
-    tagset.save(paths.labels)
+    distributed.barrier(w)  # every rank has read the saved encoder before rank 0 rewrites it
+
+    def write_seed_files() -> None:
+        paths.path.mkdir(parents=True, exist_ok=True)
+        encoders.save(enc, tokenizer, paths.encoder)
+        tagset.save(paths.labels)
+
+    distributed.on_main(write_seed_files, w)
 
     model = build_model(cfg, seed, enc, tagset, feature_dims(cfg, ctx.cache, ctx.needs)).to(ctx.device)
     sets = _datasets(cfg, ctx.splits, tokenizer, tagset, ctx.cache, ctx.needs)
 
-    total_steps = math.ceil(len(sets["train"].dataset) / cfg.batch_size) * cfg.epochs
+    total_steps = math.ceil(len(sets["train"].dataset) / global_batch(cfg, ctx.ranks)) * cfg.epochs
     optimizer = make_optimizer(model, cfg)
     from transformers import get_linear_schedule_with_warmup
 
@@ -668,11 +778,44 @@ def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
 
     run = SeedRun(seed, paths, tagset, model, sets, optimizer, scheduler, scaler, continued=continued)
     if continued:
-        run.state = load_checkpoint(paths.checkpoint, model, optimizer, scheduler, scaler)
-    else:
+        run.state = load_checkpoint(paths.checkpoint, model, optimizer, scheduler, scaler, rank=w.rank)
+    elif w.is_main:
         for stale in (paths.checkpoint, paths.checkpoint.with_name("checkpoint.old")):
             shutil.rmtree(stale, ignore_errors=True)
+    if ctx.ddp:
+        run.ddp = distributed.wrap_ddp(model)
     return run
+
+
+def global_batch(cfg: TrainConfig, ranks: int) -> int:
+    """Windows per optimizer step over all DDP ranks.
+
+    ``batch_size`` per rank, so ``batch_size x ranks`` in all (the effective batch grows
+    with the ranks), or ``batch_size`` in all with ``train.global_batch: true``, which
+    then gives the one-process run's steps and gradients.
+    """
+    return cfg.batch_size if cfg.global_batch else cfg.batch_size * ranks
+
+
+def _continues(ctx: RunContext, paths: SeedFolder) -> bool:
+    """Whether this seed continues from a checkpoint; checks the world size it was made with.
+
+    Raises:
+        ConfigError: the checkpoint was written by a different number of DDP ranks
+            (its batches, steps and per-rank random streams depend on it).
+    """
+    found = _checkpoint_in(paths.checkpoint) if ctx.resume else None
+    if found is None:
+        return False
+    recorded = int(read_json(found / "state.json").get("world_size", 1))
+    if recorded != ctx.ranks:
+        how = "in one process (no torchrun, or --nproc 1)" if recorded == 1 else (
+            f"with {recorded} ranks (torchrun --nproc-per-node {recorded}, or --nproc {recorded})")
+        raise ConfigError(
+            f"{found}: seed {paths.path.name.removeprefix('seed_')} was checkpointed by {recorded} DDP "
+            f"rank(s) and is resumed with {ctx.ranks}; resume it {how}, or train it again with --overwrite"
+        )
+    return True
 
 
 def fit(ctx: RunContext, run: SeedRun) -> None:
@@ -680,38 +823,54 @@ def fit(ctx: RunContext, run: SeedRun) -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")  # dvclive must not phone home
     from dvclive import Live
 
-    cfg, state = ctx.cfg, run.state
-    live = Live(
-        dir=str(run.paths.dvclive),
-        resume=run.continued and state["epoch"] > 0,
-        save_dvc_exp=False,
-        dvcyaml=False,  # never touch the project's dvc.yaml from inside a training run
-    )
+    cfg, state, w = ctx.cfg, run.state, ctx.world
+    live = None
+    if w.is_main:  # rank 0 alone logs
+        live = Live(
+            dir=str(run.paths.dvclive),
+            resume=run.continued and state["epoch"] > 0,
+            save_dvc_exp=False,
+            dvcyaml=False,  # never touch the project's dvc.yaml from inside a training run
+        )
     try:
         stop_after = int(os.environ.get(STOP_ENV, "0") or 0)
         while state["epoch"] < cfg.epochs and not state["stopped"]:
             epoch = state["epoch"] + 1
             loss, seconds, f1 = run_epoch(ctx, run, epoch)
             state["history"].append({"epoch": epoch, "train_loss": loss, "dev_f1": f1, "seconds": seconds})
-            if f1 > state["best_f1"]:
+            better = f1 > state["best_f1"]
+            if better:
                 state.update(best_f1=f1, best_epoch=epoch, bad_epochs=0)
-                _save_best(run)
             else:
                 state["bad_epochs"] += 1
                 if cfg.patience and state["bad_epochs"] >= cfg.patience:
                     state["stopped"] = True
             state["epoch"] = epoch
-            live.log_metric("train/loss", loss)
-            live.log_metric("dev/f1", f1)
-            live.log_metric("epoch_seconds", seconds)
-            live.next_step()
-            save_checkpoint(run.paths.checkpoint, run.model, run.optimizer, run.scheduler, run.scaler, state)
-            _kill_point(f"epoch:{epoch}")
+            # Every rank's generators go into rank 0's checkpoint, so each continues.
+            rngs = distributed.gather(_rng_state(), w) if ctx.ddp else None
+            distributed.on_main(functools.partial(_record_epoch, ctx, run, live, better, loss, f1, seconds, rngs), w)
             if stop_after and epoch == stop_after:
                 raise KeyboardInterrupt(f"{STOP_ENV}={stop_after}")
-        _plot_history(state["history"], run.paths.plot)
+        if w.is_main:
+            _plot_history(state["history"], run.paths.plot)
     finally:
-        live.end()
+        if live is not None:
+            live.end()
+
+
+def _record_epoch(ctx: RunContext, run: SeedRun, live, better: bool, loss: float, f1: float, seconds: float,
+                  rngs: list | None) -> None:
+    """Rank 0's writes after an epoch: best model, dvclive step and the checkpoint."""
+    if better:
+        _save_best(run)
+    live.log_metric("train/loss", loss)
+    live.log_metric("dev/f1", f1)
+    live.log_metric("epoch_seconds", seconds)
+    live.next_step()
+    state = run.state
+    saved = {**state, "world_size": ctx.ranks} if ctx.ddp else state
+    save_checkpoint(run.paths.checkpoint, run.model, run.optimizer, run.scheduler, run.scaler, saved, rngs)
+    _kill_point(f"epoch:{state['epoch']}")
 
 
 _batches_seen = 0
@@ -734,21 +893,34 @@ def _kill_hook() -> Callable | None:
 
 def run_epoch(ctx: RunContext, run: SeedRun, epoch: int) -> tuple[float, float, float]:
     """Train one epoch and score dev; returns ``(train loss, seconds, dev F1)``."""
-    cfg = ctx.cfg
+    cfg, w = ctx.cfg, ctx.world
     train_ds = run.sets["train"].dataset
     # The batch order depends only on (seed, epoch), so a resumed run sees the same
-    # batches without carrying a sampler state.
+    # batches without carrying a sampler state. Under DDP every rank draws the same
+    # global batches and takes its share of each.
     gen = torch.Generator().manual_seed(run.seed * 100_003 + epoch)
-    batches = bucket_batches(train_ds.lengths(), cfg.batch_size, cfg.bucket_size, gen)
+    batches = bucket_batches(train_ds.lengths(), global_batch(cfg, ctx.ranks), cfg.bucket_size, gen)
+    weights = None
+    if ctx.ddp:
+        batches, weights = distributed.shard_batches(batches, w.rank, w.world_size)
     t0 = time.perf_counter()
     loss = train_epoch(
         run.model, train_ds, batches, run.optimizer, run.scheduler, run.scaler, ctx.device, ctx.precision,
         cfg.grad_clip, cfg.num_workers, desc=f"seed {run.seed} epoch {epoch}/{cfg.epochs}",
-        batch_hook=_kill_hook(),
+        batch_hook=_kill_hook(), weights=weights, ddp=run.ddp,
     )
+    if ctx.ddp:
+        # The mean over ranks of the weighted losses: the one-process epoch loss.
+        loss = distributed.all_sum(loss, w) / w.world_size
     seconds = time.perf_counter() - t0
-    dev = _eval_split(run.model, run.sets["valid"], run.tagset, ctx.device, ctx.precision, cfg)
-    return loss, seconds, dev["overall"]["f1"]
+    # Rank 0 alone scores dev with the full model (one-process numbers); all ranks
+    # then take the same early-stopping decision.
+    f1 = distributed.on_main(
+        lambda: _eval_split(run.model, run.sets["valid"], run.tagset, ctx.device, ctx.precision, cfg)["overall"]["f1"],
+        w,
+    )
+    seconds = distributed.broadcast(seconds, w)
+    return loss, seconds, f1
 
 
 def _save_best(run: SeedRun) -> None:

@@ -191,6 +191,11 @@ class BfclHead(FusionHead):
     """BFCL fusion head: co-attention, bottleneck fusion, decoupled contrastive losses.
 
     ``out_dim`` is the shared size d (``hidden_dim``, default the encoder size).
+
+    Distributed training: under DDP both directions of the contrastive loss (eqs.
+    13-15) gather the pooled text and image representations of every rank
+    (``losses.info_nce``), so negatives come from the whole global batch as in one
+    process, and gradients reach the rank that owns each row.
     """
 
     name = "bfcl"

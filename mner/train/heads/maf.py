@@ -140,6 +140,15 @@ class MafHead(FusionHead):
     """MAF fusion head: alignment (CA), interaction (CI), matching (CM), gated fusion (CF).
 
     ``out_dim`` is 2 * text_dim (H = [T; R], section 3.5).
+
+    Distributed training: under DDP the alignment loss (CA, eqs. 1-3) gathers the
+    pooled text and image embeddings of every rank (``losses.info_nce``), so each image
+    meets the negatives of the whole global batch as in one process, and gradients
+    reach the rank that owns each row. The matching loss (CM) swaps images between
+    random pairs of rows within each rank's share of the batch (k from the share's
+    size), so its negatives and random draws are per rank: with CM on, a DDP run
+    agrees with one process in distribution, not step for step (with ``no_cm`` and no
+    dropout it agrees up to float summation order).
     """
 
     name = "maf"

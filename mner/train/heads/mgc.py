@@ -120,7 +120,13 @@ class MGCConfig:
 
 @register
 class MGCHead(FusionHead):
-    """MGC: CLIP-distilled joint space, multi-granularity contrast, UMT output module."""
+    """MGC: CLIP-distilled joint space, multi-granularity contrast, UMT output module.
+
+    Distributed training: under DDP the global and entity image-text contrastive losses
+    (eqs. 9-12) gather the embeddings of every rank (``losses.info_nce``), so negatives
+    come from the whole global batch as in one process, and gradients reach the rank
+    that owns each row; the distillation losses are per tweet.
+    """
 
     name = "mgc"
     recipe = Recipe(

@@ -272,7 +272,14 @@ class Excavator(nn.Module):
 
 @register
 class MgipsClHead(FusionHead):
-    """MGIPS-CL fusion head (see the module docstring for the equation map)."""
+    """MGIPS-CL fusion head (see the module docstring for the equation map).
+
+    Distributed training: under DDP the standard contrastive loss (eq. 17) gathers the
+    text and image embeddings of every rank (``losses.info_nce``), so negatives come
+    from the whole global batch as in one process; the implicit-positive loss (eqs.
+    14-16) passes its within-batch positives and is computed within each rank's share
+    of the batch (its negatives are that share's images).
+    """
 
     name = "mgips_cl"
     recipe = Recipe(
