@@ -135,6 +135,7 @@ def extract(
     data: PathLike | Sequence[PathLike] | None = None,
     progress: bool = True,
     params: PathLike | None = None,
+    nproc: int | None = None,
     **options: Any,
 ) -> dict:
     """``mner extract``: run the frozen vision models over images into an HDF5 feature cache.
@@ -147,6 +148,9 @@ def extract(
         out: the cache file, e.g. ``cache/NAME.h5`` (resumable).
         data: CoNLL files or dataset folders: exactly their images are extracted.
         progress: show a progress bar.
+        nproc: processes to launch with torchrun (``--nproc``): each extracts a shard and
+            the shards are merged into ``out``; None or 1 runs here (under torchrun, leave
+            it out: each rank already is one of the processes).
 
     Returns:
         The summary ``mner extract`` prints (``out``, ``images``, ``status``, ...).
@@ -155,7 +159,8 @@ def extract(
     from mner.extract.runner import run_extract
 
     cfg = _config(ExtractConfig, "extract", config, params, options)
-    return run_extract(cfg, images=images, data=_data_files(data), out=out, progress=progress)
+    return run_extract(cfg, images=images, data=_data_files(data), out=out, progress=progress,
+                       nproc=nproc)
 
 
 def train(
