@@ -186,7 +186,7 @@ def test_gradients_reach_text_and_every_parameter(switch):
 
 SWITCH_REMOVES = {
     # w/o RGCN: the whole spatial level and the eq. 13 gate mixing it in.
-    "no_rgcn": ("rgcn.", "relevance_spatial.", "fuse_spatial.", ".gate_", ".spatial."),
+    "no_rgcn": ("rgcn.", "relevance_spatial.", "fuse_spatial.", "spatial_norm.", ".gate_", ".spatial."),
     # w/o ViT: the whole semantic level and the eq. 13 gate.
     "no_vit": ("semantic_encoder.", "relevance_semantic.", "fuse_semantic.", ".gate_", ".semantic."),
     # w/o RM: eqs. 8-9 at both levels.

@@ -134,6 +134,8 @@ class HamLearningConfig:
         no_rgcn: ablation "w/o RGCN": drop the spatial level.
         no_vit: ablation "w/o ViT": drop the semantic level.
         no_rm: ablation "w/o RM": drop relevance measuring (eqs. 8-9).
+        spatial_norm: a LayerNorm on the spatial level's V^2 after eq. 10 (mner's
+            addition; the paper's eq. 10 is a bare linear map). False = the text.
     """
 
     #: Old option names (saved configs, ``-o``) -> their names now.
@@ -155,6 +157,7 @@ class HamLearningConfig:
     no_rgcn: bool = False
     no_vit: bool = False
     no_rm: bool = False
+    spatial_norm: bool = True
 
     def __post_init__(self):
         for name in ("hidden_dim", "heads", "ffn_dim", "label_dim", "rgcn_bases"):
@@ -297,6 +300,7 @@ class HamLearning(FusionHead):
                "sentence-image relevance, iterative cross-modal Transformer")
     needs = (RESNET, OBJ_FEATURES, OBJ_BOXES, OBJ_LABELS, RELATIONS)
     Config = HamLearningConfig
+    crf_reduction = "sum"  # eq. 17: Loss = sum_t log p(Y | H), a sum over the training tweets
 
     @classmethod
     def required_features(cls, cfg: HamLearningConfig) -> tuple[str, ...]:
@@ -350,6 +354,9 @@ class HamLearning(FusionHead):
             if not cfg.no_rm:
                 self.relevance_spatial = RelevanceMeasure(text_dim, D + 4)  # (8)-(9), r = 2
             self.fuse_spatial = nn.Linear(2 * (D + 4), D)  # theta^M, (10), r = 2
+        # After eq. 10, r = 2: the R-GCN's residual updates (eq. 7) leave V^2 at a scale
+        # far above the text's; unnormalised, it swamped the fused text states.
+        self.spatial_norm = nn.LayerNorm(D) if self.spatial_on and cfg.spatial_norm else None
 
         # (12) FFNN bringing text into the visual space, as a Transformer FFN sublayer
         # (residual + LayerNorm): a bare stack of randomly initialised linear layers
@@ -469,6 +476,8 @@ class HamLearning(FusionHead):
                 v2_nodes = layer(v2_nodes, adj)
             V2 = self._integrate(v2_nodes, h_cls, self.relevance_spatial,
                                  self.fuse_spatial, "spatial", diagnostics, relevances)
+            if self.spatial_norm is not None:
+                V2 = self.spatial_norm(V2)  # (B, N, D)
         if relevances:
             diagnostics["hamlearning_relevance"] = torch.stack(relevances).mean(0).detach()
 
