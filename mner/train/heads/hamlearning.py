@@ -8,7 +8,11 @@ which follows it top to bottom. Equations -> code:
 
 * (1) h_i = BERT(x_i), then a textual Transformer -> h^T:
   ``batch.hidden`` -> ``text_encoder`` -> ``h_t`` (B, T, Dt); ``h_cls = h_t[:, 0]``.
-* (2) v_[IMG] = L(ResNet(I)): ``img_proj(resnet/pooled)`` -> ``v_img`` (B, D).
+* (2) v_[IMG] = L(ResNet(I)): ``img_proj(resnet/pooled)`` -> ``v_img`` (B, D). The text
+  turns "the feature map from the last convolutional layer" into "a one-dimensional
+  vector by linear function"; mner reads the cached average-pooled map (2048-d) and
+  applies the linear map to it. A linear map of the flattened 7x7x2048 map would hold
+  77M parameters per level of D=768; the pooled vector is the usual reading.
 * (3) v_i = L(f_i) + W_e e^v_i: ``obj_proj`` (L), ``label_embed`` (E^v), ``label_proj``
   (W_e) -> ``v_obj`` (B, O, D); V = {v_[IMG], v_1..v_O} is ``V0`` (B, N, D).
 * (4) {v^1_[IMG], v^1_i} = ViT(V): ``semantic_encoder`` -> ``v1_nodes`` (B, N, D).
@@ -20,7 +24,8 @@ which follows it top to bottom. Equations -> code:
 * (9) M^r = tanh(W^r_T h^r_[CLS] + W^r_I v^r_[IMG] C^r): :class:`RelevanceMeasure`
   ``w_t``, ``w_i``; M^1, M^2 are ``relevance_semantic`` / ``relevance_spatial``.
 * (10), (11) v^r_i = L([M^r v^r_[IMG], v^r_i]), V^r = [v^r_1..v^r_N]: ``fuse_semantic`` /
-  ``fuse_spatial`` (theta^M) in :meth:`HamLearning._integrate` -> ``V1`` / ``V2`` (B, N, D).
+  ``fuse_spatial`` (theta^M) in :meth:`HamLearning._integrate` -> ``V1`` / ``V2`` (B, N, D);
+  then ``spatial_norm`` (a LayerNorm, mner's addition, see below) on ``V2``.
 * (12) H = FFNN(h^T_1..h^T_M): ``ffnn`` -> ``H`` (B, T, D), wrapped as a Transformer
   sublayer ``ffnn_norm(h^T + FFNN(h^T))`` (see the decisions below).
 * (13), (14) alpha = W^V s(W^V1 V^1 + W^V2 V^2), V = alpha V^1 + (1 - alpha) V^2:
@@ -28,7 +33,8 @@ which follows it top to bottom. Equations -> code:
   ``gate_out`` (W^V).
 * (15) H = Transformer(H, V; theta^FT), then V^1 and V^2 updated with H as keys:
   :class:`InteractionRound` ``text``, ``semantic``, ``spatial``; ``rounds`` holds L of them.
-* (16)-(18) CRF over H: the trainer (emission layer + CRF), not this head.
+* (16)-(18) CRF over H: the trainer (emission layer + CRF), not this head. Eq. 17 sums
+  the log-likelihood over the training tweets, so ``crf_reduction = "sum"``.
 
 r = 1 is the semantic level (ViT over [IMG] + objects), r = 2 the spatial level (gated
 R-GCN over the cached relation graph ``relations/labels``, whose node 0 is [IMG]).
