@@ -40,6 +40,9 @@ Equation map (paper -> code):
   ``aux_losses`` to the CRF NLL with weight 1, so this head returns eq. (18) divided by
   (1 - alpha - beta): ``ca = alpha/(1-alpha-beta) L_ca`` and ``cm = beta/(1-alpha-beta)
   L_cm`` (same minimiser and relative weights; the overall scale is a learning-rate factor).
+  Reductions as written: eqs. (3) and (11) are 1/N means over the batch and eq. (17)
+  L_mner = -1/|D_mner| sum_j log P is a mean, so the CRF loss is the batch mean
+  (``crf_reduction = "mean"``) and alpha, beta are eq. (18)'s weights as printed.
 
 Choices where the paper is silent or ambiguous, and why:
 
