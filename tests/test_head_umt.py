@@ -122,6 +122,7 @@ def test_gradients_reach_text_visual_and_esd_parameters():
     for name in (
         "text_layer.attn.in_proj_weight",
         "interaction.visual_proj.weight",
+        "interaction.visual_proj_v2.weight",
         "interaction.no_image",
         "interaction.img2txt.attn.in_proj_weight",
         "interaction.txt2img_visual.ffn.0.weight",
@@ -211,7 +212,7 @@ def _param_names(head) -> set[str]:
         ),
         (
             {"no_word_aware": True},
-            ("interaction.txt2img_visual.", "interaction.gate."),
+            ("interaction.txt2img_visual.", "interaction.gate.", "interaction.visual_proj_v2."),
             {"esd"},
             D,
         ),
@@ -392,3 +393,15 @@ def test_two_visual_projections_as_the_released_code():
     assert torch.isfinite(Q).all()
     with pytest.raises(ValueError, match="visual_projections"):
         UMTConfig(visual_projections=3)
+
+
+@pytest.mark.parametrize("switch", [{}, {"no_gate": True}, {"no_image_aware": True}, {"no_word_aware": True},
+                                    {"text_layer": False}, {"visual_projections": 1}])
+def test_every_parameter_of_each_layout_is_trained(switch):
+    """No dead weights: with two projections each feeds its own path, and a layout with
+    one path keeps one projection (an unused one would also break DDP)."""
+    head = make_head(**switch).train()
+    out = head(make_batch())
+    (out.hidden.pow(2).mean() + out.aux_losses["esd"] + out.emission_prior.pow(2).mean()).backward()
+    dead = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == []

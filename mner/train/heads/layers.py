@@ -265,8 +265,9 @@ class MultimodalInteraction(nn.Module):
             if gate:
                 self.gate = nn.Linear(2 * dim, dim)
         # Built last so that one projection gives the same seeded weights as before.
+        # With one path only (no A or no Q) one projection serves it.
         self.visual_proj_v2 = None
-        if visual_projections == 2 and image_aware:
+        if visual_projections == 2 and image_aware and word_aware:
             self.visual_proj_v2 = nn.Linear(visual_dim, dim)
         self.out_dim = 2 * dim if word_aware else dim
 
