@@ -107,3 +107,32 @@ def test_maf_reads_the_encoders_pretrained_pooler():
     enc = encoder(pooler=True)
     build_head(make_train_config({"model": "umt", "profile": "tiny"}), enc, {"resnet/grid": 8})
     assert enc.pooler is None and not any(n.startswith("pooler.") for n, _ in enc.named_parameters())
+
+
+def test_maf_run_reloads_with_the_encoders_pooler_and_old_runs_still_load():
+    """A run's weights hold the adopted pooler as the encoder's; an encoder rebuilt as
+    ``load_saved`` does (without pooler, then ``add_pooler``) takes them back, and a
+    checkpoint written when the pooler was the head's (``head.pooler.0``) loads too."""
+    from mner.train.config import make_train_config
+    from mner.train.encoder import add_pooler
+
+    cfg = make_train_config({"model": "maf", "profile": "tiny"})
+    dims = {"resnet/grid": 8, "resnet/pooled": 8}
+
+    def tagger(enc):
+        torch.manual_seed(1)
+        return Tagger(enc, build_head(cfg, enc, dims), NAMES, dropout=0.0)
+
+    trained = tagger(encoder(pooler=True))
+    state = trained.state_dict()
+    assert "encoder.pooler.dense.weight" in state and not any(k.startswith("head.pooler") for k in state)
+    rebuilt_enc = encoder(pooler=False)
+    add_pooler(rebuilt_enc)
+    rebuilt = tagger(rebuilt_enc)
+    rebuilt.load_state_dict(state)  # strict
+    torch.testing.assert_close(rebuilt.encoder.pooler.dense.weight, trained.encoder.pooler.dense.weight)
+    old = {("head.pooler.0." + k[len("encoder.pooler.dense."):] if k.startswith("encoder.pooler.dense.") else k): v
+           for k, v in state.items()}
+    again = tagger(encoder(pooler=True))
+    again.load_state_dict(old)  # strict: the old names are mapped onto the encoder's pooler
+    torch.testing.assert_close(again.encoder.pooler.dense.bias, trained.encoder.pooler.dense.bias)
