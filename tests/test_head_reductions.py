@@ -136,3 +136,29 @@ def test_maf_run_reloads_with_the_encoders_pooler_and_old_runs_still_load():
     again = tagger(encoder(pooler=True))
     again.load_state_dict(old)  # strict: the old names are mapped onto the encoder's pooler
     torch.testing.assert_close(again.encoder.pooler.dense.bias, trained.encoder.pooler.dense.bias)
+
+
+def test_maf_alignment_loss_is_fed_by_the_pooler_output():
+    """With the encoder's pooler adopted, L_ca (eqs. 1-3) reads ``HeadInput.pooled``."""
+    from mner.train.heads import HeadInput
+    from mner.train.heads.maf import MafConfig, MafHead
+    from mner.train.losses import info_nce
+
+    torch.manual_seed(0)
+    head = MafHead(MafConfig(dropout=0.0, max_len=T, no_cm=True), D, {"resnet/grid": 8, "resnet/pooled": 8})
+    assert head.adopt_encoder_pooler(encoder(pooler=True)) and head.pooler is None
+    g = torch.Generator().manual_seed(1)
+    pooled, image = torch.randn(B, D, generator=g), torch.randn(B, 8, generator=g)
+    x = HeadInput(hidden=torch.randn(B, T, D, generator=g), token_mask=torch.ones(B, T, dtype=torch.bool),
+                  visual={"resnet/grid": torch.rand(B, 49, 8, generator=g), "resnet/pooled": image},
+                  pooled=pooled)
+    cfg = head.cfg
+    with torch.no_grad():
+        got = head.train()(x).aux_losses["ca"]
+        t_c, v_c = head.ca_text(pooled), head.ca_image(image)
+        want = cfg.lambda_c * info_nce(v_c, t_c, cfg.temperature, "a2b") + (1 - cfg.lambda_c) * info_nce(
+            v_c, t_c, cfg.temperature, "b2a")
+    torch.testing.assert_close(got, cfg.alpha / (1 - cfg.alpha - cfg.beta) * want)
+    x.pooled = None
+    with pytest.raises(ValueError, match="pooled"):
+        head(x)
