@@ -49,7 +49,10 @@ Equation map (paper -> code):
   So lambda_vt and lambda_tv weigh the summed losses as eq. (17) is written: at batch 16
   each contrastive term weighs 16x its per-example mean against the CRF mean.
   ``cl_reduction="mean"`` averages them (the former behaviour: lambda then weighs
-  per-example means, i.e. the paper's lambda divided by the batch size).
+  per-example means, i.e. the paper's lambda divided by the batch size). On the
+  generated sample (tiny profile, one seed; test F1 overall / image-dependent
+  entities) the sums gave 81.6 / 62.7 and the means 88.6 / 76.9: with lambda = 1 the
+  summed terms outweigh the CRF mean there, so the unreported lambdas matter.
 
 Choices where the paper is silent or garbled, and why:
 
