@@ -257,3 +257,15 @@ def test_config_from_overrides_and_errors():
         build(BfclConfig, {"layers": 2, "fusion_stage": "mid"}, where=where)
     with pytest.raises(ConfigError, match="heads"):
         BfclHead(BfclConfig(heads=5), D, DIMS)
+
+
+def test_contrastive_losses_are_sums_over_the_batch_as_eqs_13_and_15():
+    """Eqs. 13/15 sum over the N examples: the default equals N_valid times the mean, so
+    lambda weighs the summed loss as eq. 17 is written; ``cl_reduction=mean`` averages."""
+    assert BfclConfig().cl_reduction == "sum" and BfclHead.crf_reduction == "mean"
+    batch = make_batch()  # 6 rows, row 4 without an image: 5 anchors
+    with torch.no_grad():  # training mode computes the losses; no dropout, same numbers
+        summed = make_head(dropout=0.0).train()(batch).aux_losses
+        mean = make_head(dropout=0.0, cl_reduction="mean").train()(batch).aux_losses
+    for k in ("vt", "tv"):
+        torch.testing.assert_close(summed[k], 5.0 * mean[k])

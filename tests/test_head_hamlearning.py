@@ -186,7 +186,7 @@ def test_gradients_reach_text_and_every_parameter(switch):
 
 SWITCH_REMOVES = {
     # w/o RGCN: the whole spatial level and the eq. 13 gate mixing it in.
-    "no_rgcn": ("rgcn.", "relevance_spatial.", "fuse_spatial.", ".gate_", ".spatial."),
+    "no_rgcn": ("rgcn.", "relevance_spatial.", "fuse_spatial.", "spatial_norm.", ".gate_", ".spatial."),
     # w/o ViT: the whole semantic level and the eq. 13 gate.
     "no_vit": ("semantic_encoder.", "relevance_semantic.", "fuse_semantic.", ".gate_", ".semantic."),
     # w/o RM: eqs. 8-9 at both levels.
@@ -316,3 +316,27 @@ def test_rgcn_learns_from_the_relation_graph_alone():
     first, acc = _fit(make_head(seed=2, no_vit=True), batch, target, steps=40, n_tags=2)
     assert first > 0.5
     assert acc == 1.0
+
+
+def test_spatial_level_is_layer_normalised_after_eq_10():
+    """V^2 enters the interaction rounds normalised (``spatial_norm``); the switch off
+    gives the text's bare eq. 10, whose scale follows the R-GCN's residual sums."""
+    seen = {}
+
+    def grab(module, args):
+        seen["V2"] = args[2].detach()  # forward(H, V1, V2, token_mask, node_mask)
+
+    batch = make_batch()
+    for norm in (True, False):
+        head = make_head(spatial_norm=norm).eval()
+        assert (head.spatial_norm is not None) == norm
+        handle = head.rounds[0].register_forward_pre_hook(grab)
+        with torch.no_grad():
+            head(batch)
+        handle.remove()
+        V2 = seen["V2"]
+        torch.testing.assert_close(V2.mean(-1), torch.zeros(V2.shape[:2]), atol=1e-4, rtol=0) if norm else None
+        std = V2.std(-1, unbiased=False)
+        assert (torch.allclose(std, torch.ones_like(std), atol=1e-2)) == norm
+    assert make_head(no_rgcn=True).spatial_norm is None
+    assert HamLearning.crf_reduction == "sum"  # eq. 17

@@ -14,7 +14,8 @@ from mner.train.heads.mgc import MGCConfig, MGCHead
 from mner.train.losses import info_nce
 
 D, DC, B, T = 24, 16, 5, 9
-ALL_LOSSES = {"kd_global", "kd_entity", "contrastive_global", "contrastive_entity"}
+CL_KD = {"kd_global", "kd_entity", "contrastive_global", "contrastive_entity"}
+ALL_LOSSES = CL_KD | {"esd"}  # UMT's span detection loss of the full UMT output module
 MISSING = 2  # the row whose image could not be read
 
 
@@ -31,8 +32,11 @@ def make_batch(seed: int = 0, dim: int = D) -> HeadInput:
     g = torch.Generator().manual_seed(seed)
     lengths = [9, 7, 9, 8, 9]
     token_mask = torch.zeros(B, T, dtype=torch.bool)
+    labels = torch.full((B, T), -100, dtype=torch.long)
     for b, n in enumerate(lengths):
         token_mask[b, :n] = True
+        # A generator of its own, so the other tensors stay as they were before labels.
+        labels[b, 1 : n - 1] = torch.randint(0, 3, (n - 2,), generator=torch.Generator().manual_seed(b))
     spans = torch.tensor([[[1, 3], [4, 5]], [[2, 4], [0, 0]], [[1, 2], [3, 6]],
                           [[5, 7], [1, 2]], [[6, 8], [2, 3]]])
     entity_mask = torch.tensor([[True, True], [True, False], [True, True],
@@ -47,7 +51,7 @@ def make_batch(seed: int = 0, dim: int = D) -> HeadInput:
         token_mask=token_mask,
         visual={"clip/image_embed": image},
         image_mask=image_mask,
-        labels=torch.zeros(B, T, dtype=torch.long),
+        labels=labels,
         label_names=("O", "B-PER", "I-PER"),
         entity_spans=spans,
         entity_mask=entity_mask,
@@ -58,7 +62,7 @@ def make_batch(seed: int = 0, dim: int = D) -> HeadInput:
 def prediction_batch(batch: HeadInput) -> HeadInput:
     """What the trainer passes at prediction time: no labels, spans or teacher."""
     return HeadInput(hidden=batch.hidden, token_mask=batch.token_mask, visual=batch.visual,
-                     image_mask=batch.image_mask)
+                     image_mask=batch.image_mask, label_names=batch.label_names)
 
 
 def test_registered_with_shapes_losses_and_diagnostics():
@@ -95,7 +99,7 @@ def test_padding_tokens_do_not_change_outputs_or_losses():
     long = make_batch()
     long.hidden = torch.cat([short.hidden, torch.full((B, extra, D), 30.0)], dim=1)
     long.token_mask = torch.cat([short.token_mask, torch.zeros(B, extra, dtype=torch.bool)], dim=1)
-    long.labels = torch.zeros(B, T + extra, dtype=torch.long)
+    long.labels = torch.cat([short.labels, torch.full((B, extra), -100)], dim=1)
     with torch.no_grad():
         a, b = head(short), head(long)
     m = short.token_mask
@@ -141,10 +145,10 @@ def test_losses_follow_the_equations_with_an_identity_mapping():
     with torch.no_grad():
         out = head(batch)
     H, t = batch.hidden, batch.text_teacher
-    kd_g = (t["sentence"] - H[:, 0]).norm(dim=-1).mean()  # eq. 7 (mean over B)
+    kd_g = (t["sentence"] - H[:, 0]).norm(dim=-1).sum()  # eq. 7 (sum over B)
     u_e = span_mean(H, batch.entity_spans, batch.entity_mask)
     dist = (t["entities"] - u_e).norm(dim=-1)
-    kd_e = dist[batch.entity_mask].mean()  # eq. 8 (mean over real entities)
+    kd_e = dist[batch.entity_mask].sum()  # eq. 8 (sum over the real entities)
     assert out.aux_losses["kd_global"].item() == pytest.approx(2.0 * kd_g.item(), rel=1e-4)
     assert out.aux_losses["kd_entity"].item() == pytest.approx(2.0 * kd_e.item(), rel=1e-4)
     valid = batch.image_mask
@@ -205,26 +209,32 @@ def test_kd_and_contrastive_switches_remove_their_losses():
     both = make_head(no_kd=True, no_cl=True).eval()
     assert full - _names(both) == {"joint.weight", "joint.bias"}
     out = both(batch)
-    assert out.aux_losses == {} and "mgc_image_text_sim" not in out.diagnostics
+    assert set(out.aux_losses) == {"esd"} and "mgc_image_text_sim" not in out.diagnostics
 
 
 def test_no_visual_removes_every_vision_module():
+    """-Visual. removes the interaction module, E(.) and with it the contrastive losses
+    and the CLIP-teacher distillation; UMT's text-only parts (text layer, ESD) stay."""
     cfg = MGCConfig(no_visual=True)
     assert MGCHead.required_features(cfg) == ()
     full = _names(make_head())
-    # Under -Visual. the trainer reads no image; the joint space is the teacher's.
     torch.manual_seed(0)
-    head = MGCHead(cfg, D, {"clip_text/sentence": DC}).eval()
-    assert {n for n in full - _names(head)} == {n for n in full if n.startswith("interaction.")}
+    head = MGCHead(cfg, D, {}).eval()  # no feature dims at all: nothing visual is built
+    gone = {n for n in full if n.startswith(("interaction.", "joint."))}
+    assert gone and full - _names(head) == gone
+    assert any(n.startswith("text_layer.") for n in _names(head))
+    assert any(n.startswith("esd_layer.") for n in _names(head))
     batch = make_batch()
     batch.visual = {}
     out = head(batch)
-    assert head.out_dim == D and torch.equal(out.hidden, batch.hidden)
-    assert set(out.aux_losses) == {"kd_global", "kd_entity"}
+    assert head.out_dim == D
+    torch.testing.assert_close(out.hidden, head.text_layer(batch.hidden, batch.hidden, batch.token_mask))
+    assert set(out.aux_losses) == {"esd"}  # no kd_*, no contrastive_*
     assert out.diagnostics == {}
-    with pytest.raises(ConfigError, match="joint_dim"):
-        MGCHead(cfg, D, {})
-    assert MGCHead(MGCConfig(no_visual=True, joint_dim=DC), D, {}).joint.out_features == DC
+    # The reduced output module under -Visual. is BERT alone (plus no loss).
+    torch.manual_seed(0)
+    reduced = MGCHead(MGCConfig(no_visual=True, output_module="interaction"), D, {}).eval()
+    assert _names(reduced) == set() and torch.equal(reduced(batch).hidden, batch.hidden)
 
 
 def test_config_validation_and_teacher_mismatch():
@@ -249,3 +259,77 @@ def test_ablations_are_set_from_the_command_line():
     assert head_cfg.no_visual and head_cfg.no_kd and not head_cfg.no_cl
     assert cfg.head_class().required_features(head_cfg) == ()
     assert cfg.head["temperature"] == 0.05
+
+
+def test_output_module_is_the_full_umt_and_the_reduced_variant_is_the_old_head():
+    """MGC is "based on UMT": its output module has exactly UMT's modules (text layer,
+    two visual projections, interaction, span detection); ``interaction`` is the
+    reduced variant, which reproduces the former head for a fixed seed."""
+    from mner.train.heads.umt import UMTConfig, UMTHead
+
+    head = make_head()
+    torch.manual_seed(0)
+    umt = UMTHead(UMTConfig(ffn_dim=4 * D), D, {"resnet/grid": DC})
+    assert _names(head) - {"joint.weight", "joint.bias"} == _names(umt)
+    assert head.emission_dropout is False and umt.emission_dropout is False
+    reduced = make_head(output_module="interaction")
+    assert reduced.emission_dropout is True
+    assert {n.split(".")[0] for n in _names(reduced)} == {"joint", "interaction"}
+    assert not any(n.startswith("interaction.visual_proj_v2") for n in _names(reduced))
+    # Numbers of the head before the full UMT output module (seed 5, batch seed 1).
+    old = make_head(seed=5, output_module="interaction", kd_reduction="mean").eval()
+    with torch.no_grad():
+        out = old(make_batch(seed=1))
+    assert out.hidden.sum().item() == pytest.approx(3.39919, abs=1e-3)
+    assert out.hidden.abs().sum().item() == pytest.approx(1306.01819, rel=1e-5)
+    assert out.hidden[0, 1, :3].tolist() == pytest.approx([-1.241657, 1.420388, -0.803621], abs=1e-5)
+    assert out.aux_losses["kd_global"].item() == pytest.approx(4.845465, rel=1e-5)
+    assert out.aux_losses["contrastive_global"].item() == pytest.approx(8.988201, rel=1e-5)
+
+
+def test_full_umt_output_feeds_the_emissions_with_the_converted_span_scores():
+    head = make_head().eval()
+    batch = make_batch()
+    with torch.no_grad():
+        out = head(batch)
+        x = batch.hidden  # eval: the input dropout is the identity
+        logits = head.esd_classifier(head.esd_layer(x, x, batch.token_mask))
+    from mner.train.heads.layers import conversion_matrix
+
+    torch.testing.assert_close(out.emission_prior, logits @ conversion_matrix(batch.label_names))
+    assert out.prior_weight == 0.5 and out.aux_losses["esd"] > 0
+    # The interaction reads the extra text layer's states, not the encoder's.
+    with torch.no_grad():
+        H = head.text_layer(x, x, batch.token_mask)
+        g = batch.visual["clip/image_embed"].unsqueeze(1)
+        direct = head.interaction(H, batch.token_mask, g, batch.image_mask).hidden
+    torch.testing.assert_close(out.hidden, direct)
+
+
+def _double(batch: HeadInput) -> HeadInput:
+    """The batch twice over (B -> 2B)."""
+    cat = lambda x: torch.cat([x, x])  # noqa: E731
+    return HeadInput(
+        hidden=cat(batch.hidden), token_mask=cat(batch.token_mask),
+        visual={k: cat(v) for k, v in batch.visual.items()}, image_mask=cat(batch.image_mask),
+        labels=cat(batch.labels), label_names=batch.label_names,
+        entity_spans=cat(batch.entity_spans), entity_mask=cat(batch.entity_mask),
+        text_teacher={k: cat(v) for k, v in batch.text_teacher.items()},
+    )
+
+
+def test_reductions_are_the_papers_sums_for_kd_crf_and_esd():
+    """Eqs. 7, 8 and 19 sum over the batch (doubling the batch doubles them); eq. 10 is
+    a 1/B mean; ``kd_reduction=mean`` gives the former averages."""
+    assert MGCHead.crf_reduction == "sum"
+    head = make_head(no_cl=True).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        one, two = head(batch).aux_losses, head(_double(batch)).aux_losses
+    for k in ("kd_global", "kd_entity", "esd"):
+        assert two[k].item() == pytest.approx(2 * one[k].item(), rel=1e-4), k
+    mean = make_head(no_cl=True, kd_reduction="mean").eval()
+    with torch.no_grad():
+        m1, m2 = mean(batch).aux_losses, mean(_double(batch)).aux_losses
+    assert m2["kd_global"].item() == pytest.approx(m1["kd_global"].item(), rel=1e-4)
+    assert one["kd_global"].item() == pytest.approx(B * m1["kd_global"].item(), rel=1e-4)

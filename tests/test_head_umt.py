@@ -122,6 +122,7 @@ def test_gradients_reach_text_visual_and_esd_parameters():
     for name in (
         "text_layer.attn.in_proj_weight",
         "interaction.visual_proj.weight",
+        "interaction.visual_proj_v2.weight",
         "interaction.no_image",
         "interaction.img2txt.attn.in_proj_weight",
         "interaction.txt2img_visual.ffn.0.weight",
@@ -205,13 +206,13 @@ def _param_names(head) -> set[str]:
         ({"no_gate": True}, ("interaction.gate.",), {"esd"}, 2 * D),
         (
             {"no_image_aware": True},
-            ("interaction.img2txt.", "interaction.txt2img_word."),
+            ("interaction.img2txt.", "interaction.txt2img_word.", "interaction.visual_proj_v2."),
             {"esd"},
             2 * D,
         ),
         (
             {"no_word_aware": True},
-            ("interaction.txt2img_visual.", "interaction.gate."),
+            ("interaction.txt2img_visual.", "interaction.gate.", "interaction.visual_proj_v2."),
             {"esd"},
             D,
         ),
@@ -348,3 +349,59 @@ def test_ffn_follows_the_encoder_unless_set():
     assert ffn("umt", head={"ffn_dim": 40}).text_layer.ffn[0].out_features == 40
     assert ffn("maf").ci.ffn[0].out_features == 4 * D  # MAF's own FFN keeps its 4 D
     assert make_head().text_layer.ffn[0].out_features == 4 * D  # no encoder: 4 D
+
+
+def test_shared_output_module_keeps_umts_outputs_for_a_fixed_seed():
+    """Moving UMT's modules into layers.UMTOutputModule changed no number: with one
+    visual projection (the former layout) a fixed seed gives the former outputs."""
+    cases = [
+        ({}, 4.87841, 1070.5459, [0.925459, 0.465874, 0.327845], 2.116243, -16.43663),
+        ({"esd_decoder": "softmax"}, 4.87841, 1070.5459, [0.925459, 0.465874, 0.327845], 0.656495, -16.43663),
+        ({"text_layer": False, "no_gate": True}, -2e-05, 1437.52759, [1.101725, -0.626526, -0.126447],
+         1.802039, 4.98542),
+    ]
+    for cfg, total, absolute, first, esd, prior in cases:
+        head = make_head(seed=5, visual_projections=1, **cfg).eval()
+        with torch.no_grad():
+            out = head(make_batch(seed=1))
+        assert out.hidden.sum().item() == pytest.approx(total, abs=1e-3), cfg
+        assert out.hidden.abs().sum().item() == pytest.approx(absolute, rel=1e-5), cfg
+        assert out.hidden[0, 1, :3].tolist() == pytest.approx(first, abs=1e-5), cfg
+        assert out.aux_losses["esd"].item() == pytest.approx(esd, rel=1e-5), cfg
+        assert out.emission_prior.sum().item() == pytest.approx(prior, abs=1e-3), cfg
+
+
+def test_two_visual_projections_as_the_released_code():
+    """vismap2text feeds the words-attend-to-regions path (Q), vismap2text_v2 the
+    regions-attend-to-words path (P); one projection is a switch."""
+    head = make_head().eval()
+    inter = head.interaction
+    assert inter.visual_proj_v2 is not None
+    assert inter.visual_proj_v2.weight.shape == inter.visual_proj.weight.shape
+    assert make_head(visual_projections=1).interaction.visual_proj_v2 is None
+    batch = make_batch()
+    H = head.text_layer(batch.hidden, batch.hidden, batch.token_mask)
+    grid = batch.visual["resnet/grid"]
+    with torch.no_grad():
+        ref = inter(H, batch.token_mask, grid, batch.image_mask)
+        inter.visual_proj_v2.weight.add_(0.5)  # only P (hence A and the gate) may move
+        moved = inter(H, batch.token_mask, grid, batch.image_mask)
+    D_ = H.shape[-1]
+    assert not torch.allclose(ref.hidden[..., :D_], moved.hidden[..., :D_], atol=1e-4)  # A
+    with torch.no_grad():
+        Q = inter.txt2img_visual(H, inter.visual_proj(grid), None)
+    assert torch.isfinite(Q).all()
+    with pytest.raises(ValueError, match="visual_projections"):
+        UMTConfig(visual_projections=3)
+
+
+@pytest.mark.parametrize("switch", [{}, {"no_gate": True}, {"no_image_aware": True}, {"no_word_aware": True},
+                                    {"text_layer": False}, {"visual_projections": 1}])
+def test_every_parameter_of_each_layout_is_trained(switch):
+    """No dead weights: with two projections each feeds its own path, and a layout with
+    one path keeps one projection (an unused one would also break DDP)."""
+    head = make_head(**switch).train()
+    out = head(make_batch())
+    (out.hidden.pow(2).mean() + out.aux_losses["esd"] + out.emission_prior.pow(2).mean()).backward()
+    dead = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == []

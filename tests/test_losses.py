@@ -231,3 +231,15 @@ def test_without_diagonal_only_listed_pairs_are_positive_and_empty_anchors_skipp
     none = info_nce(a, b, 1.0, "a2b", positives=torch.zeros(3, 3, dtype=torch.bool),
                     diagonal_positive=False)
     assert none.item() == 0.0
+
+
+def test_info_nce_sum_reduction_is_the_number_of_anchors_times_the_mean():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    valid = torch.tensor([True, True, False, True, True, True])
+    for direction in ("a2b", "b2a", "both"):
+        mean = info_nce(a, b, 0.1, direction, valid=valid)
+        total = info_nce(a, b, 0.1, direction, valid=valid, reduction="sum")
+        torch.testing.assert_close(total, 5 * mean)
+    with pytest.raises(ValueError, match="reduction"):
+        info_nce(a, b, 0.1, reduction="max")

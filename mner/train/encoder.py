@@ -41,8 +41,7 @@ def load_pretrained(name_or_dir: str) -> tuple[nn.Module, object]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
-        model = AutoModel.from_pretrained(name_or_dir, add_pooling_layer=False)
-    except TypeError:  # encoders without a pooler argument
+        # With its pretrained pooler (MAF's T_s); build_head removes it for other heads.
         model = AutoModel.from_pretrained(name_or_dir)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -145,6 +144,7 @@ def build_tiny(texts: Iterable[list[str] | tuple[str, ...]], seed: int, max_leng
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BertModel(config, add_pooling_layer=False)
+        add_pooler(model)  # after the other weights, which stay as they were without it
     return model, tokenizer
 
 
@@ -166,7 +166,28 @@ def load_saved(folder: Path) -> tuple[nn.Module, object]:
         model = AutoModel.from_config(config, add_pooling_layer=False)
     except TypeError:
         model = AutoModel.from_config(config)
+    add_pooler(model)
     return model, tokenizer
+
+
+def add_pooler(model: nn.Module) -> None:
+    """Give a BERT-family encoder built without one its pooler (dense + tanh over [CLS]).
+
+    MAF's sentence vector T_s is BERT's pooler; :func:`mner.train.model.build_head`
+    removes the pooler again for every head that does not read it. The pooler is built
+    on a private RNG state, so the caller's random stream does not move.
+    """
+    import sys
+
+    if getattr(model, "pooler", "absent") is not None:  # has one, or takes none
+        return
+    module = sys.modules[type(model).__module__]
+    pooler_cls = getattr(module, type(model).__name__.replace("Model", "Pooler"), None)
+    if pooler_cls is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        model.pooler = pooler_cls(model.config)
+        model.pooler.apply(model._init_weights)
 
 
 def save(model: nn.Module, tokenizer, folder: Path) -> None:

@@ -35,6 +35,7 @@ def info_nce(
     positives: torch.Tensor | None = None,
     multi_positive: Literal["mean", "sum"] = "mean",
     diagonal_positive: bool = True,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
     """InfoNCE loss over a batch where ``a[i]`` and ``b[i]`` are the positive pair.
 
@@ -60,6 +61,9 @@ def info_nce(
         diagonal_positive: False when ``positives`` alone says which pairs are positive
             (MGIPS-CL's top-K images need not include the tweet's own image). Anchors
             left without a positive among the valid rows are skipped.
+        reduction: ``mean`` (1/N sum over the anchors, MAF eq. 3, MGC eq. 10) or
+            ``sum`` over the anchors (BFCL eqs. 13 and 15); ``both`` is the mean of the
+            two directions either way.
 
     Returns:
         A scalar tensor.
@@ -98,6 +102,11 @@ def info_nce(
             pos = pos | eye
     if multi_positive not in ("mean", "sum"):
         raise ValueError(f"unknown multi_positive {multi_positive!r}; use mean or sum")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}; use mean or sum")
+
+    def reduce(per_anchor: torch.Tensor) -> torch.Tensor:
+        return per_anchor.sum() if reduction == "sum" else per_anchor.mean()
 
     def one_way(lg: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         has = p.sum(-1) > 0  # only without the diagonal can an anchor lack a positive
@@ -107,8 +116,8 @@ def info_nce(
             lg, p = lg[has], p[has]  # a logsumexp over no positive would give NaN grads
         logp = lg.log_softmax(dim=-1)
         if multi_positive == "sum":
-            return -torch.logsumexp(logp.masked_fill(p == 0, float("-inf")), dim=-1).mean()
-        return -((logp * p).sum(-1) / p.sum(-1)).mean()
+            return reduce(-torch.logsumexp(logp.masked_fill(p == 0, float("-inf")), dim=-1))
+        return reduce(-((logp * p).sum(-1) / p.sum(-1)))
 
     if direction == "a2b":
         return one_way(logits, pos.float())

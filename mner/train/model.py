@@ -25,6 +25,9 @@ def build_head(cfg, enc: nn.Module, feature_dims: dict) -> FusionHead:
 
     Heads whose layers are BERT layers (``ffn_follows_encoder``) get the encoder's
     intermediate size when their ``ffn_dim`` is None, as the papers' code builds them.
+    The encoder's pretrained pooler stays only when the head reads it
+    (:meth:`FusionHead.adopt_encoder_pooler`, MAF's T_s); otherwise it is removed, so it
+    is neither in the run's weights nor an unused parameter of the optimizer.
     Training and reloading a run both build heads here, so the two always agree.
     """
     head_cls = cfg.head_class()
@@ -32,7 +35,18 @@ def build_head(cfg, enc: nn.Module, feature_dims: dict) -> FusionHead:
     inner = getattr(enc.config, "intermediate_size", None)
     if head_cls.ffn_follows_encoder and inner and head_cfg.ffn_dim is None:
         head_cfg = dataclasses.replace(head_cfg, ffn_dim=int(inner))
-    return head_cls(head_cfg, enc.config.hidden_size, feature_dims)
+    head = head_cls(head_cfg, enc.config.hidden_size, feature_dims)
+    if getattr(enc, "pooler", None) is not None and not head.adopt_encoder_pooler(enc):
+        enc.pooler = None
+    return head
+
+
+def _pooler_moved(module, state_dict, prefix, *args) -> None:
+    """Load-time hook: a MAF run written before T_s read the encoder's pooler kept the
+    same Linear + Tanh in its head (``head.pooler.0``); it becomes the encoder's."""
+    old, new = prefix + "head.pooler.0.", prefix + "encoder.pooler.dense."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[new + key[len(old):]] = state_dict.pop(key)
 
 
 class Tagger(nn.Module):
@@ -53,6 +67,8 @@ class Tagger(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.emissions = nn.Linear(head.out_dim, len(self.tag_names))
         self.crf = CRF(len(self.tag_names), batch_first=True)
+        if getattr(head, "encoder_pooler", False):
+            self.register_load_state_dict_pre_hook(_pooler_moved)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, HeadOutput]:
         """Emission scores per word.
@@ -61,9 +77,8 @@ class Tagger(nn.Module):
             ``(emissions, head_output)``: emissions (B, W, K) in float32, and what the
             head returned (aux losses, diagnostics).
         """
-        enc = self.encoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()
-        ).last_hidden_state  # (B, T, Dt)
+        enc_out = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long())
+        enc = enc_out.last_hidden_state  # (B, T, Dt)
         # HeadInput keeps the contract's masks (bool token_mask, an image_mask even for a
         # batch without images), so no head re-defaults them.
         out = self.head(
@@ -78,13 +93,16 @@ class Tagger(nn.Module):
                 entity_spans=batch.entity_spans,
                 entity_mask=batch.entity_mask,
                 text_teacher=batch.text_teacher,
+                pooled=getattr(enc_out, "pooler_output", None),  # (B, Dt) or None
             )
         )
         h = out.hidden  # (B, T, H)
         idx = batch.word_pos.unsqueeze(-1).expand(-1, -1, h.shape[-1])  # (B, W, H)
         words = torch.gather(h, 1, idx)
         # The CRF's log-sum-exp over long sequences is sensitive to half precision.
-        em = self.emissions(self.dropout(words)).float()  # (B, W, K)
+        if self.head.emission_dropout:  # else the head dropped out its input (UMT's code)
+            words = self.dropout(words)
+        em = self.emissions(words).float()  # (B, W, K)
         if out.emission_prior is not None:
             k = out.emission_prior.shape[-1]
             prior = torch.gather(out.emission_prior.float(), 1, batch.word_pos.unsqueeze(-1).expand(-1, -1, k))
@@ -92,13 +110,17 @@ class Tagger(nn.Module):
         return em, out
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """CRF negative log-likelihood (mean over the batch) plus the head's aux losses.
+        """CRF negative log-likelihood plus the head's aux losses.
+
+        The NLL is reduced over the batch as the head's paper writes its NER loss
+        (``head.crf_reduction``: ``"mean"`` by default, ``"sum"`` for MGC's eq. 19 and
+        HamLearning's eq. 17), so a head's loss weights keep the paper's meaning.
 
         Returns:
             ``(total, parts)`` where parts maps ``"crf"`` and each aux name to floats.
         """
         emissions, out = self(batch)
-        nll = -self.crf(emissions, batch.word_tags, mask=batch.word_mask, reduction="mean")
+        nll = -self.crf(emissions, batch.word_tags, mask=batch.word_mask, reduction=self.head.crf_reduction)
         total = nll
         parts = {"crf": float(nll.detach())}
         for name, value in out.aux_losses.items():

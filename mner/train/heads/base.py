@@ -74,6 +74,9 @@ class HeadInput:
         entity_mask: (B, E) bool for ``entity_spans``.
         text_teacher: cached CLIP text embeddings when the head sets
             ``needs_text_teacher``: ``"sentence"`` (B, Dc) and ``"entities"`` (B, E, Dc).
+        pooled: (B, Dt) the encoder's pretrained pooler output (BERT's tanh layer over
+            [CLS]) when the head adopted the encoder's pooler
+            (:meth:`FusionHead.adopt_encoder_pooler`); None otherwise.
     """
 
     hidden: torch.Tensor
@@ -86,6 +89,7 @@ class HeadInput:
     entity_spans: torch.Tensor | None = None
     entity_mask: torch.Tensor | None = None
     text_teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         B, T = self.hidden.shape[:2]
@@ -170,6 +174,9 @@ class FusionHead(nn.Module):
     #: checkpoints of run folders written before the move still load; the one place
     #: where an old name is mapped (see :meth:`_rename_old_parameters`).
     renamed_parameters: ClassVar[Mapping[str, str]] = {}
+    #: How the tagger reduces the CRF negative log-likelihood over the batch, as the
+    #: head's paper writes its NER loss: ``"mean"`` (1/B sum, the default) or ``"sum"``.
+    crf_reduction: ClassVar[str] = "mean"
 
     def __init__(self, cfg, text_dim: int, feature_dims: Mapping[str, int]):
         """Args:
@@ -183,6 +190,9 @@ class FusionHead(nn.Module):
         self.text_dim = text_dim
         self.feature_dims = dict(feature_dims)
         self.out_dim = text_dim
+        #: The tagger's dropout on the head output before the emission layer; a head
+        #: whose paper drops out the encoder states instead (UMT's code) sets it False.
+        self.emission_dropout = True
         if self.renamed_parameters:
             self.register_load_state_dict_pre_hook(self._rename_old_parameters)
 
@@ -194,6 +204,15 @@ class FusionHead(nn.Module):
                 if rest.startswith(old):
                     state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
                     break
+
+    def adopt_encoder_pooler(self, encoder: nn.Module) -> bool:
+        """Whether the head reads the encoder's pretrained pooler (``HeadInput.pooled``).
+
+        Called once when the tagger is built, with the encoder. A head that uses BERT's
+        pooler (MAF's T_s) returns True when ``encoder.pooler`` exists and drops its own
+        stand-in; otherwise the tagger removes the encoder's pooler, which nothing reads.
+        """
+        return False
 
     @classmethod
     def required_features(cls, cfg) -> tuple[str, ...]:

@@ -1,5 +1,7 @@
 """Fusion building blocks shared by the heads: masks, the attention-head rule, the
-standard cross-modal transformer layer, and UMT's multimodal interaction module.
+standard cross-modal transformer layer, UMT's multimodal interaction module, and UMT's
+complete output module (extra text layer + interaction + entity span detection with
+its conversion matrix), which UMT and MGC (built "based on UMT") both use.
 
 Mask convention (one for the whole package): a boolean mask is True for a real item
 (a real sub-token, a real region, an image that was read), as in ``HeadInput`` and in
@@ -18,9 +20,12 @@ D dims.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchcrf import CRF
 
 from mner.errors import ConfigError
 
@@ -209,7 +214,10 @@ class MultimodalInteraction(nn.Module):
     those of its summary in MGC's section 2.4 (eqs. 13-18), see docs/papers.md.
 
     * ``V = visual_proj(g)``; rows of missing images become the learned ``no_image``.
-    * eqs. 13-16: regions attend to words, ``img2txt`` (query V, memory H) -> ``P``.
+      With ``visual_projections=2`` (UMT's released code, ``my_bert/mner_modeling.py``:
+      ``vismap2text`` and ``vismap2text_v2``) the regions attending to words get their
+      own projection ``V2 = visual_proj_v2(g)``; with 1, ``V`` serves both paths.
+    * eqs. 13-16: regions attend to words, ``img2txt`` (query V2, memory H) -> ``P``.
     * image-aware words ``A``: ``txt2img_word`` (query H, memory P).
     * word-aware visual ``Q``: ``txt2img_visual`` (query H, memory V).
     * eq. 17, ``c = sigmoid(W [A; Q])`` (``gate``); eq. 18, ``B = c * Q``; out ``[A; B]``.
@@ -223,6 +231,8 @@ class MultimodalInteraction(nn.Module):
         image_aware: build the image-aware word representation ``A`` (else ``A = H``).
         word_aware: build the word-aware visual representation ``Q`` and ``B``.
         gate: apply the visual gate to ``Q`` (needs ``word_aware``).
+        visual_projections: 2 = separate projections of ``g`` for the two paths (UMT's
+            code), 1 = one shared projection.
     """
 
     def __init__(
@@ -236,8 +246,11 @@ class MultimodalInteraction(nn.Module):
         image_aware: bool = True,
         word_aware: bool = True,
         gate: bool = True,
+        visual_projections: int = 1,
     ):
         super().__init__()
+        if visual_projections not in (1, 2):
+            raise ValueError(f"visual_projections must be 1 or 2, got {visual_projections}")
         self.visual_proj = nn.Linear(visual_dim, dim)
         # Stands in for the regions of a missing image, so that the zeros the cache
         # stores for it are never attended to as if they were image content.
@@ -251,6 +264,11 @@ class MultimodalInteraction(nn.Module):
             self.txt2img_visual = CrossModalLayer(dim, heads, ffn_dim, dropout)
             if gate:
                 self.gate = nn.Linear(2 * dim, dim)
+        # Built last so that one projection gives the same seeded weights as before.
+        # With one path only (no A or no Q) one projection serves it.
+        self.visual_proj_v2 = None
+        if visual_projections == 2 and image_aware and word_aware:
+            self.visual_proj_v2 = nn.Linear(visual_dim, dim)
         self.out_dim = 2 * dim if word_aware else dim
 
     def forward(
@@ -283,7 +301,10 @@ class MultimodalInteraction(nn.Module):
         region_mask = region_mask.bool() | ~image_mask.bool().view(B, 1)
 
         if self.img2txt is not None:
-            P = self.img2txt(V, text, token_mask)  # eqs. 13-16: (B, R, D)
+            V2 = V
+            if self.visual_proj_v2 is not None:
+                V2 = replace_missing(self.visual_proj_v2(visual), image_mask, self.no_image)
+            P = self.img2txt(V2, text, token_mask)  # eqs. 13-16: (B, R, D)
             A = self.txt2img_word(text, P, region_mask)  # image-aware words: (B, T, D)
         else:
             A = text
@@ -301,3 +322,249 @@ class MultimodalInteraction(nn.Module):
 def mean_gate(gate: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """(B,) mean of a (B, T, D) gate over real tokens and dims, detached for reports."""
     return masked_mean(gate.detach().float().mean(-1, keepdim=True), token_mask).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Entity span detection (UMT's auxiliary text-only module) and its conversion matrix.
+# ---------------------------------------------------------------------------------------
+
+#: Untyped span tags of the ESD task.
+SPAN_TAGS = ("O", "B", "I")
+
+
+def span_tag_map(label_names: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """Map typed tag ids to untyped span tag ids (index into :data:`SPAN_TAGS`).
+
+    ``B-X``/``S-X`` -> B, ``I-X``/``E-X`` -> I, anything else (``O``) -> O.
+
+    Returns:
+        (L,) long tensor.
+    """
+    out = []
+    for name in label_names:
+        prefix = name.split("-", 1)[0] if "-" in name else name
+        out.append(1 if prefix in ("B", "S") else 2 if prefix in ("I", "E") else 0)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def conversion_matrix(label_names: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """UMT's fixed conversion from span tag scores to typed tag scores.
+
+    Row ``s`` spreads span tag ``s`` (``O``, ``B``, ``I``) over the typed tags it stands
+    for: ``O`` -> ``O`` with weight 1; ``B`` -> each ``B-X`` and ``S-X``, ``I`` -> each
+    ``I-X`` and ``E-X``, with weight 1 / (number of entity types).
+
+    Returns:
+        (3, K) float tensor, K = ``len(label_names)``.
+    """
+    spans = span_tag_map(label_names)
+    types = {n.split("-", 1)[1] for n in label_names if "-" in n}
+    w = torch.zeros(len(SPAN_TAGS), len(label_names))
+    w[spans, torch.arange(len(label_names))] = 1.0
+    w[1:] /= max(len(types), 1)
+    return w
+
+
+def compact_labelled(
+    emissions: torch.Tensor, tags: torch.Tensor, labelled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather the labelled positions (first sub-tokens) of each row to the left.
+
+    Args:
+        emissions: (B, T, K).
+        tags: (B, T) long.
+        labelled: (B, T) bool.
+
+    Returns:
+        ``(emissions (B, W, K), tags (B, W), mask (B, W))`` with W the largest number
+        of labelled positions in a row; word order is kept.
+    """
+    count = labelled.sum(1)
+    W = max(int(count.max()), 1)
+    # Stable sort puts labelled positions first, in their original order.
+    order = torch.sort((~labelled).to(torch.int8), dim=1, stable=True).indices[:, :W]
+    em = emissions.gather(1, order.unsqueeze(-1).expand(-1, -1, emissions.shape[-1]))
+    tg = tags.gather(1, order)
+    mask = torch.arange(W, device=tags.device).unsqueeze(0) < count.unsqueeze(1)
+    return em, tg.masked_fill(~mask, 0), mask
+
+
+# ---------------------------------------------------------------------------------------
+# UMT's complete output module (UMT's head and MGC's full-UMT output module).
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class UMTOutput:
+    """What :meth:`UMTOutputModule.umt_output` returns.
+
+    Attributes:
+        hidden: (B, T, 2D) ``[A; B]`` (or (B, T, D) without the word-aware branch).
+        gate: (B, T, D) visual gate, or None.
+        esd_loss: the unweighted ESD loss (reduced over rows as ``reduction`` says), or
+            None without labels or without the ESD branch.
+        emission_prior: (B, T, K) converted ESD scores (UMT's conversion matrix), or None.
+    """
+
+    hidden: torch.Tensor
+    gate: torch.Tensor | None
+    esd_loss: torch.Tensor | None = None
+    emission_prior: torch.Tensor | None = None
+
+
+class UMTOutputModule:
+    """UMT's complete output module, as a mixin for a :class:`~torch.nn.Module` head.
+
+    Yu et al. 2020 and their released code (``my_bert/mner_modeling.py``,
+    ``MTCCMBertForMMTokenClassificationCRF``); UMT's head and MGC's output module (MGC
+    section 2.4: "based on UMT") build it through :meth:`build_umt_output` and run it
+    through :meth:`umt_output`. The parts, in the code's order:
+
+    * ``input_dropout``: dropout on the encoder states before every branch, and none
+      before the classifier (the code's ``self.dropout(sequence_output)``; the tagger's
+      emission dropout is then off, ``emission_dropout = False``). Off: the tagger's
+      dropout on the head's output, as for every other head.
+    * ``text_layer``: UMT's extra transformer layer over the encoder states (the code's
+      ``self_attention_v2``), whose output is the ``H`` the interaction reads.
+    * ``interaction``: :class:`MultimodalInteraction` (eqs. 13-18).
+    * entity span detection: ``esd_layer`` (the code's ``self_attention``, a separate
+      text-only layer so span detection cannot lean on the image), ``esd_classifier``
+      (B/I/O) and ``esd_crf``; loss on untyped span tags derived from the typed gold tags.
+    * the conversion matrix: ``esd_logits @ W_tr`` (:func:`conversion_matrix`) as the
+      tagger's ``emission_prior``.
+
+    The attributes are plain attributes of the head (parameter names ``text_layer.``,
+    ``interaction.``, ``esd_layer.``, ``esd_classifier.``, ``esd_crf.``), built in that
+    order, so a fixed seed gives the same weights in every head that builds it.
+    """
+
+    def build_umt_output(
+        self,
+        dim: int,
+        visual_dim: int,
+        heads: int,
+        ffn_dim: int,
+        dropout: float,
+        *,
+        text_layer: bool = True,
+        esd: bool = True,
+        esd_decoder: Literal["crf", "softmax"] = "crf",
+        image_aware: bool = True,
+        word_aware: bool = True,
+        gate: bool = True,
+        visual_projections: int = 2,
+        encoder_dropout: bool = True,
+        visual: bool = True,
+    ) -> None:
+        """Build the modules on ``self`` (see the class docstring); sets ``self.out_dim``.
+
+        Args:
+            dim: D, the text size. visual_dim: Dv. heads, ffn_dim, dropout: of every
+                transformer layer. The switches remove what their names say;
+                ``visual=False`` builds no interaction module (the text-only remainder:
+                text layer and ESD, output ``H`` of size D).
+        """
+        self.input_dropout = nn.Dropout(dropout) if encoder_dropout else None
+        self.emission_dropout = not encoder_dropout
+        self.text_layer = CrossModalLayer(dim, heads, ffn_dim, dropout) if text_layer else None
+        self.interaction = None
+        self.out_dim = dim
+        if visual:
+            self.interaction = MultimodalInteraction(
+                dim,
+                visual_dim,
+                heads,
+                ffn_dim,
+                dropout,
+                image_aware=image_aware,
+                word_aware=word_aware,
+                gate=gate,
+                visual_projections=visual_projections,
+            )
+            self.out_dim = self.interaction.out_dim
+        self.esd_layer = self.esd_classifier = self.esd_crf = None
+        self.esd_decoder = esd_decoder
+        if esd:
+            self.esd_layer = CrossModalLayer(dim, heads, ffn_dim, dropout)
+            self.esd_classifier = nn.Linear(dim, len(SPAN_TAGS))
+            if esd_decoder == "crf":
+                self.esd_crf = CRF(len(SPAN_TAGS), batch_first=True)
+        # Fixed tables derived from the tag names (span map, conversion matrix), per device.
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def umt_output(
+        self,
+        hidden: torch.Tensor,
+        token_mask: torch.Tensor,
+        visual: torch.Tensor | None,
+        image_mask: torch.Tensor,
+        *,
+        region_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        label_names: tuple[str, ...] = (),
+        conversion: bool = True,
+        reduction: Literal["mean", "sum"] = "mean",
+    ) -> UMTOutput:
+        """Run the output module.
+
+        Args:
+            hidden: (B, T, D) encoder states.
+            token_mask: (B, T) bool.
+            visual: (B, R, Dv) visual items (UMT: the 49 ResNet cells; MGC: R=1); None
+                when the module was built with ``visual=False``.
+            image_mask: (B,) bool.
+            region_mask: (B, R) bool, or None when every item is real.
+            labels: (B, T) typed tag ids at first sub-tokens (-100 elsewhere), or None.
+            label_names: names of the typed tags (for the span map and conversion).
+            conversion: return the converted ESD scores as ``emission_prior``.
+            reduction: how the ESD loss reduces over rows (the head's CRF reduction,
+                so the two tagging losses keep UMT's relative weight).
+
+        Returns:
+            :class:`UMTOutput`.
+        """
+        x = hidden if self.input_dropout is None else self.input_dropout(hidden)
+        H = x if self.text_layer is None else self.text_layer(x, x, token_mask)  # (B, T, D)
+        if self.interaction is None:
+            out = UMTOutput(hidden=H, gate=None)
+        else:
+            fused = self.interaction(H, token_mask, visual, image_mask, region_mask)
+            out = UMTOutput(hidden=fused.hidden, gate=fused.gate)
+        if self.esd_layer is not None and (labels is not None or conversion):
+            # float32: the CRF's log-sum-exp is sensitive to half precision under autocast.
+            logits = self.esd_classifier(self.esd_layer(x, x, token_mask)).float()  # (B, T, 3)
+            if labels is not None:
+                out.esd_loss = self._esd_loss(logits, labels, label_names, reduction)
+            if conversion:
+                out.emission_prior = logits @ self._label_table(
+                    conversion_matrix, label_names, logits.device, "UMT's conversion matrix"
+                )  # (B, T, K)
+        return out
+
+    def _esd_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, label_names: tuple[str, ...], reduction: str
+    ) -> torch.Tensor:
+        """Untyped B/I/O span detection loss of (B, T, 3) ``logits``, reduced over rows."""
+        labelled = labels >= 0
+        span = self._label_table(span_tag_map, label_names, labels.device, "UMT's ESD loss")[labels.clamp(min=0)]
+        if self.esd_decoder == "softmax":
+            if not labelled.any():
+                return logits.sum() * 0.0
+            loss = F.cross_entropy(logits[labelled], span[labelled])  # mean over tokens
+            # "sum" scales it by the rows, as a summed CRF loss scales with the batch.
+            return loss * labelled.any(1).sum() if reduction == "sum" else loss
+        rows = labelled.any(1)  # the CRF needs at least one position per row
+        if not rows.any():
+            return logits.sum() * 0.0
+        em, tags, m = compact_labelled(logits[rows], span[rows], labelled[rows])
+        return -self.esd_crf(em, tags, mask=m, reduction=reduction)
+
+    def _label_table(self, build, label_names, device: torch.device, user: str) -> torch.Tensor:
+        """``build(label_names)`` on ``device``, kept until the tag set or device changes."""
+        names = tuple(label_names)
+        if not names:
+            raise ValueError(f"{user} needs HeadInput.label_names")
+        key = (build.__name__, names, device)
+        if key not in self._tables:
+            self._tables[key] = build(names).to(device)
+        return self._tables[key]

@@ -11,7 +11,12 @@ the global image vector V_g (B, Dv). D = Dt = d in the paper (768; 128 for ``tin
 
 Equation map (paper -> code):
 
-* 3.1.1  T_s = tanh(W t_0 + b), the sentence vector        -> ``self.pooler``, ``t_s``
+* 3.1.1  T_s = tanh(W t_0 + b), the sentence vector: "we feed t_0 to a fully connected
+  layer with an activation function", following BERT [4], i.e. BERT's pretrained
+  pooler. mner uses the encoder's own pooler
+  (``HeadInput.pooled``, :meth:`MafHead.adopt_encoder_pooler`; BERT, RoBERTa and XLM-R
+  have one, trained with the encoder's learning rate) -> ``t_s``. Only an encoder
+  without a pooler gets a new, randomly initialised Linear + Tanh (``self.pooler``).
 * 3.1.2  V = W_j^T J, regions projected to d                -> ``self.region_proj``, ``v``
 * 3.2 CA (cross-modal alignment), switch ``no_ca``:
   two one-hidden-layer ReLU MLPs T_s -> T_c, V_g -> V_c     -> ``self.ca_text``, ``self.ca_image``
@@ -35,6 +40,9 @@ Equation map (paper -> code):
   ``aux_losses`` to the CRF NLL with weight 1, so this head returns eq. (18) divided by
   (1 - alpha - beta): ``ca = alpha/(1-alpha-beta) L_ca`` and ``cm = beta/(1-alpha-beta)
   L_cm`` (same minimiser and relative weights; the overall scale is a learning-rate factor).
+  Reductions as written: eqs. (3) and (11) are 1/N means over the batch and eq. (17)
+  L_mner = -1/|D_mner| sum_j log P is a mean, so the CRF loss is the batch mean
+  (``crf_reduction = "mean"``) and alpha, beta are eq. (18)'s weights as printed.
 
 Choices where the paper is silent or ambiguous, and why:
 
@@ -170,6 +178,7 @@ class MafHead(FusionHead):
     needs = ("resnet/grid", "resnet/pooled")
     default_scheme = "bioes"
     Config = MafConfig
+    crf_reduction = "mean"  # eq. (17): L_mner = -1/|D_mner| sum_j log P(y^j | S^j, I^j)
     # CI's layers were the head's own attributes before it used the shared layer.
     renamed_parameters = {"ci_attn.": "ci.attn.", "ci_norm1.": "ci.norm1.", "ci_ffn.": "ci.ffn.",
                           "ci_norm2.": "ci.norm2."}
@@ -193,7 +202,8 @@ class MafHead(FusionHead):
         if not cfg.no_ca:
             hid = cfg.ca_hidden or d
             dg = self.feature_dims["resnet/pooled"]
-            # 3.1.1: the sentence vector is a tanh layer over [CLS] (BERT's pooler).
+            # 3.1.1: T_s is BERT's pooler, a tanh layer over [CLS]. This stand-in is
+            # dropped by adopt_encoder_pooler when the encoder has its pretrained one.
             self.pooler = nn.Sequential(nn.Linear(d, d), nn.Tanh())
             # 3.2: two different one-hidden-layer MLPs.
             self.ca_text = nn.Sequential(nn.Linear(d, hid), nn.ReLU(), nn.Linear(hid, d))
@@ -201,6 +211,18 @@ class MafHead(FusionHead):
         if not cfg.no_cm:
             # Eqs. (9)-(10): one logit from the flattened (max_len, 2D) pair.
             self.match = nn.Linear(cfg.max_len * 2 * d, 1)
+
+    def adopt_encoder_pooler(self, encoder: nn.Module) -> bool:
+        """Read T_s from the encoder's pretrained pooler (section 3.1.1) when it has one.
+
+        Drops the head's stand-in Linear + Tanh; returns False (keeping the stand-in)
+        for an encoder without a pooler, or under ``no_ca`` where T_s feeds nothing.
+        """
+        if self.pooler is None or getattr(encoder, "pooler", None) is None:
+            return False
+        self.pooler = None
+        self.encoder_pooler = True
+        return True
 
     @classmethod
     def required_features(cls, cfg: MafConfig) -> tuple[str, ...]:
@@ -232,7 +254,7 @@ class MafHead(FusionHead):
 
         # ---- 3.2 cross-modal alignment (CA), eqs. (1)-(3).
         if not cfg.no_ca and self.training:
-            t_s = self.pooler(t[:, 0])  # (B, D)
+            t_s = self._sentence_vector(batch)  # (B, D)
             t_c = self.ca_text(t_s)  # (B, D)
             v_c = self.ca_image(batch.visual["resnet/pooled"].to(t.dtype))  # (B, D)
             l_v2t = info_nce(v_c, t_c, cfg.temperature, "a2b", valid=img)  # eq. (1)
@@ -287,6 +309,14 @@ class MafHead(FusionHead):
             "maf_visual_gate": (masked_mean(g, tok).mean(-1) * img_f).detach(),
         }
         return HeadOutput(hidden=h, aux_losses=aux, diagnostics=diagnostics)
+
+    def _sentence_vector(self, batch: HeadInput) -> torch.Tensor:
+        """T_s (B, D): the encoder's pooler output, or the stand-in over [CLS]."""
+        if self.pooler is not None:
+            return self.pooler(batch.hidden[:, 0])
+        if batch.pooled is None:
+            raise ValueError("MAF adopted the encoder's pooler but HeadInput.pooled is None")
+        return batch.pooled.to(batch.hidden.dtype)
 
     def _match_logit(self, t: torch.Tensor, c: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """W_f^T Flatten([T; C]) of eqs. (9)-(10), before the sigmoid.

@@ -15,21 +15,34 @@ E entities, D text dim ``d1``, Dc joint/CLIP dim ``d2``):
 * eqs. 5-6, the CLIP text teacher: ``batch.text_teacher["sentence"]`` (B, Dc) and
   ``["entities"]`` (B, E, Dc), cached by ``mner extract``.
 * eqs. 7-8, knowledge distillation, the Euclidean distance ``||u^t - u^s||_2``:
-  ``aux_losses["kd_global"]`` and ``["kd_entity"]``, averaged over the sentences and
-  over the real entities (the paper sums; averaging makes ``kd_weight`` independent of
-  the batch size and the entity count).
+  ``aux_losses["kd_global"]`` and ``["kd_entity"]``, summed over the sentences and over
+  the real entities as the equations write them (``kd_reduction="sum"``; ``"mean"``
+  averages, which makes ``kd_weight`` independent of the batch size and entity count).
 * eqs. 9-10, global contrastive loss on ``A^G = g_i . u_gl_s_j`` (cosine, rows are
   images): ``losses.info_nce(g, u_gl_s, tau, direction="a2b")`` ->
   ``aux_losses["contrastive_global"]``.
 * eqs. 11-12, local contrastive loss: for each image the entity whose ``u_e_s`` is most
   similar to it (argmax of the cosine over real entities), then the same InfoNCE ->
   ``aux_losses["contrastive_entity"]``.
-* eqs. 13-18, the output module: UMT's multimodal interaction
-  (:class:`mner.train.heads.layers.MultimodalInteraction`) with ``g`` projected to D as a
-  single visual item (R=1), the visual gate ``c`` and ``S = [A; B]`` (B, T, 2D).
+* eqs. 13-18, the output module, "based on UMT" (sections 2.4 and 3.3: MGC is built on
+  UMT[spade], the authors' re-run of UMT): UMT's complete output module, the shared
+  :class:`mner.train.heads.layers.UMTOutputModule` that ``umt.py`` uses too
+  (``output_module="umt"``, the default): dropout on the encoder states, UMT's extra
+  text layer ``text_layer`` producing the ``H`` of eqs. 13-18, the multimodal
+  interaction ``interaction`` with ``g`` projected to D as a single visual item (R=1)
+  by UMT's two projections, the visual gate ``c`` and ``S = [A; B]`` (B, T, 2D), plus
+  UMT's entity span detection branch (``esd_layer``, ``esd_classifier``, ``esd_crf``;
+  ``aux_losses["esd"]`` with UMT's ``esd_weight`` 0.5) and its conversion matrix
+  (``emission_prior`` with ``conversion_weight`` 0.5). ``output_module="interaction"``
+  is the reduced variant (the interaction module alone over the encoder states, as the
+  section 2.4 summary reads on its own; the tagger's dropout on its output).
+* eq. 19, ``L_mner = -sum_i log p(y|X)``: a sum over the batch, so ``crf_reduction =
+  "sum"``; the ESD loss is summed over rows too, keeping UMT's 0.5 relative weight.
 * eq. 20, ``L = L_mner + lambda (L_G^C + L_E^C) + beta (L_G^KD + L_E^KD)``: the trainer
   adds the CRF loss (eq. 19) to the aux losses, which are already multiplied by
-  ``cl_weight`` (lambda) and ``kd_weight`` (beta).
+  ``cl_weight`` (lambda) and ``kd_weight`` (beta). With the paper's reductions (sums for
+  eqs. 7, 8 and 19, the 1/B mean of eq. 10) lambda and beta are the weights of eq. 20
+  as written: the summed terms grow with the batch size, the contrastive ones do not.
 
 The paper does not report lambda and beta; both default to 1.0. tau = 0.05, d2 = 512
 (CLIP ViT-B) and 12 attention heads are its section 3.1 values; d2 follows the cached
@@ -41,9 +54,13 @@ the teacher embeddings and entity spans are absent: KD and contrastive losses ar
 skipped and only the output module runs.
 
 Ablation switches (Table 2): ``no_kd`` (-KD: no ``kd_*`` losses), ``no_cl``
-(-Contra.: no ``contrastive_*`` losses), ``no_visual`` (-Visual.: no image input at
-all, so no output module and no contrastive losses; the head returns ``H`` and
-reads no cached feature). ``E(.)`` exists only while a loss uses it.
+(-Contra.: no ``contrastive_*`` losses), ``no_visual`` (-Visual., "removing entire
+vision-related modules": no image input, no interaction module, no contrastive losses
+and no CLIP-teacher distillation either, so neither ``E(.)`` nor any cached feature is
+used; UMT's text-only parts, the text layer and the span detection branch, stay, and
+the head returns the text layer's ``H``). ``E(.)`` exists only while a loss uses it.
+The trainer still loads the cached CLIP text teacher for every MGC run (the head
+ignores it under ``no_visual``), so the cache must hold ``clip_text``.
 
 Diagnostics: ``mgc_image_text_sim`` (B,) cosine of ``g`` and ``u_gl_s`` in the joint
 space; ``mgc_gate`` (B,) mean visual gate over real tokens.
@@ -53,7 +70,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +78,13 @@ from torch import nn
 
 from mner.errors import CacheError, ConfigError
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.heads.layers import MultimodalInteraction, attention_heads, mean_gate, span_mean
+from mner.train.heads.layers import (
+    MultimodalInteraction,
+    UMTOutputModule,
+    attention_heads,
+    mean_gate,
+    span_mean,
+)
 from mner.train.losses import info_nce
 from mner.train.recipes import BEST_DEV, DEVLIN, Recipe
 
@@ -86,7 +109,15 @@ class MGCConfig:
         dropout: dropout in the output module's transformer layers.
         no_kd: ablation -KD: no knowledge distillation from the CLIP text teacher.
         no_cl: ablation -Contra.: no global/local contrastive losses.
-        no_visual: ablation -Visual.: no vision-related module at all.
+        no_visual: ablation -Visual.: no vision-related module at all (image input,
+            interaction, contrastive losses and the CLIP-teacher distillation).
+        output_module: ``umt`` = UMT's complete output module (text layer, interaction,
+            span detection and conversion, MGC is "based on UMT"); ``interaction`` = the
+            reduced variant, the interaction module alone.
+        esd_weight: weight of UMT's span detection loss (``umt``; 0.5, UMT's code).
+        conversion_weight: weight of the converted span scores in the emissions
+            (``umt``; 0.5, UMT's code).
+        kd_reduction: ``sum`` (eqs. 7-8) or ``mean`` of the distillation distances.
     """
 
     #: Old option names (saved configs, ``-o``) -> their names now (BFCL's and MGIPS-CL's).
@@ -102,8 +133,16 @@ class MGCConfig:
     no_kd: bool = False
     no_cl: bool = False
     no_visual: bool = False
+    output_module: Literal["umt", "interaction"] = "umt"
+    esd_weight: float = 0.5
+    conversion_weight: float = 0.5
+    kd_reduction: Literal["sum", "mean"] = "sum"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.conversion_weight <= 1.0:
+            raise ValueError(f"conversion_weight must be in [0, 1], got {self.conversion_weight}")
+        if self.esd_weight < 0:
+            raise ValueError(f"esd_weight must not be negative, got {self.esd_weight}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
         if self.cl_weight < 0 or self.kd_weight < 0:
@@ -117,9 +156,13 @@ class MGCConfig:
     def uses_contrastive(self) -> bool:
         return not (self.no_cl or self.no_visual)
 
+    @property
+    def uses_kd(self) -> bool:
+        return not (self.no_kd or self.no_visual)
+
 
 @register
-class MGCHead(FusionHead):
+class MGCHead(UMTOutputModule, FusionHead):
     """MGC: CLIP-distilled joint space, multi-granularity contrast, UMT output module.
 
     Distributed training: under DDP the global and entity image-text contrastive losses
@@ -150,6 +193,7 @@ class MGCHead(FusionHead):
     default_scheme = "bio2"
     Config = MGCConfig
     ffn_follows_encoder = True  # UMT's output module, built from the BERT config
+    crf_reduction = "sum"  # eq. 19
 
     @classmethod
     def required_features(cls, cfg: MGCConfig) -> tuple[str, ...]:
@@ -163,11 +207,11 @@ class MGCHead(FusionHead):
         # image is read) the cached text-teacher dim when the trainer passes it.
         joint_dim = cfg.joint_dim or self.feature_dims.get(IMAGE) or self.feature_dims.get(TEACHER)
         self.joint = None
-        if cfg.uses_contrastive or not cfg.no_kd:
+        if cfg.uses_contrastive or cfg.uses_kd:
             if joint_dim is None:
                 raise ConfigError(
                     "train.head: MGC's joint space size is unknown without the CLIP image "
-                    "embedding (no_visual=true); set head.joint_dim to the cached CLIP dim "
+                    "embedding; set head.joint_dim to the cached CLIP dim "
                     "(`mner inspect` shows it as the dims of clip_text/sentence)"
                 )
             if self.feature_dims.get(IMAGE, joint_dim) != joint_dim:
@@ -177,11 +221,13 @@ class MGCHead(FusionHead):
                 )
             self.joint = nn.Linear(D, joint_dim)  # E(.), eqs. 2-3
         self.joint_dim = joint_dim
+        heads, ffn = attention_heads(D, cfg.heads), cfg.ffn_dim or 4 * D
+        visual_dim = None if cfg.no_visual else self.feature_dims[IMAGE]
         self.interaction = None
-        if not cfg.no_visual:
-            self.interaction = MultimodalInteraction(
-                D, self.feature_dims[IMAGE], attention_heads(D, cfg.heads), cfg.ffn_dim or 4 * D, cfg.dropout
-            )
+        if cfg.output_module == "umt":
+            self.build_umt_output(D, visual_dim, heads, ffn, cfg.dropout, visual=not cfg.no_visual)
+        elif not cfg.no_visual:
+            self.interaction = MultimodalInteraction(D, visual_dim, heads, ffn, cfg.dropout)
             self.out_dim = self.interaction.out_dim
 
     def forward(self, batch: HeadInput) -> HeadOutput:
@@ -202,10 +248,26 @@ class MGCHead(FusionHead):
         B = H.shape[0]
         out = HeadOutput(hidden=H)
         image_mask = batch.image_mask
-        g = batch.visual[IMAGE].to(H.dtype) if self.interaction is not None else None  # (B, Dc)
+        g = batch.visual[IMAGE].to(H.dtype) if not cfg.no_visual else None  # (B, Dc)
 
         # Output module, eqs. 13-18: the image embedding is one visual item (R=1).
-        if self.interaction is not None:
+        if cfg.output_module == "umt":
+            res = self.umt_output(
+                H,
+                mask,
+                None if g is None else g.unsqueeze(1),
+                image_mask,
+                labels=batch.labels,
+                label_names=batch.label_names,
+                reduction=self.crf_reduction,
+            )
+            out.hidden = res.hidden
+            if res.gate is not None:
+                out.diagnostics["mgc_gate"] = mean_gate(res.gate, mask)
+            if res.esd_loss is not None:
+                out.aux_losses["esd"] = cfg.esd_weight * res.esd_loss
+            out.emission_prior, out.prior_weight = res.emission_prior, cfg.conversion_weight
+        elif self.interaction is not None:
             fused = self.interaction(H, mask, g.unsqueeze(1), image_mask)
             out.hidden = fused.hidden
             out.diagnostics["mgc_gate"] = mean_gate(fused.gate, mask)
@@ -226,7 +288,7 @@ class MGCHead(FusionHead):
             e_mask = batch.entity_mask.bool()  # (B, E)
             u_e = self.joint(span_mean(H, batch.entity_spans, e_mask))  # eq. 3: (B, E, Dc)
 
-        if not cfg.no_kd:
+        if cfg.uses_kd:
             u_gl_t = teacher["sentence"]  # eq. 5: (B, Dc)
             if u_gl_t.shape[-1] != self.joint_dim:
                 raise CacheError(
@@ -234,8 +296,8 @@ class MGCHead(FusionHead):
                     f"space is {self.joint_dim}-d; extract image and text features with one "
                     "CLIP model (or unset head.joint_dim)"
                 )
-            out.aux_losses["kd_global"] = cfg.kd_weight * _mean_distance(
-                u_gl_t, u_gl, u_gl_t.abs().sum(-1) > 0
+            out.aux_losses["kd_global"] = cfg.kd_weight * _distance(
+                u_gl_t, u_gl, u_gl_t.abs().sum(-1) > 0, cfg.kd_reduction
             )  # eq. 7
             if has_entities and "entities" in teacher:
                 u_e_t = teacher["entities"]  # eq. 6: (B, E, Dc)
@@ -244,8 +306,8 @@ class MGCHead(FusionHead):
                         f"teacher entities {tuple(u_e_t.shape)} do not match entity_spans "
                         f"{tuple(batch.entity_spans.shape)}"
                     )
-                out.aux_losses["kd_entity"] = cfg.kd_weight * _mean_distance(
-                    u_e_t, u_e, e_mask
+                out.aux_losses["kd_entity"] = cfg.kd_weight * _distance(
+                    u_e_t, u_e, e_mask, cfg.kd_reduction
                 )  # eq. 8
 
         if cfg.uses_contrastive:
@@ -269,13 +331,14 @@ class MGCHead(FusionHead):
         return out
 
 
-def _mean_distance(target: torch.Tensor, pred: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean Euclidean distance ``||target - pred||_2`` over the valid rows.
+def _distance(target: torch.Tensor, pred: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Euclidean distances ``||target - pred||_2`` of the valid rows, summed or averaged.
 
     Args:
         target: (..., Dc) teacher embeddings (no gradient flows into them).
         pred: (..., Dc) student embeddings.
         valid: (...) bool.
+        reduction: ``sum`` (eqs. 7-8) or ``mean``.
 
     Returns:
         A scalar; 0 (still attached to ``pred``) when nothing is valid.
@@ -283,4 +346,5 @@ def _mean_distance(target: torch.Tensor, pred: torch.Tensor, valid: torch.Tensor
     # The epsilon keeps the gradient of the norm finite at a zero distance.
     dist = ((target.detach().float() - pred.float()).pow(2).sum(-1) + 1e-8).sqrt()
     w = valid.to(dist.dtype)
-    return (dist * w).sum() / w.sum().clamp(min=1.0)
+    total = (dist * w).sum()
+    return total if reduction == "sum" else total / w.sum().clamp(min=1.0)

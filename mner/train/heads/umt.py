@@ -11,15 +11,29 @@ the ESD branch and its loss weight 0.5).
 Map from the equations (MGC paper numbering) to this module:
 
 * visual input ``g``: the ResNet 7x7 grid ``resnet/grid`` (B, R=49, Dv), projected to
-  the text dim D by ``MultimodalInteraction.visual_proj`` (``V`` below); rows of
-  missing images are replaced by the learned ``no_image`` embedding.
+  the text dim D twice, as the released code does (``my_bert/mner_modeling.py``,
+  ``MTCCMBertForMMTokenClassificationCRF``): ``interaction.visual_proj`` (the code's
+  ``vismap2text``) gives the ``V`` the words attend to, ``interaction.visual_proj_v2``
+  (``vismap2text_v2``) the ``V2`` that attends to the words; switch
+  ``visual_projections: 1`` shares one projection (MGC's summary writes one ``g``).
+  Rows of missing images are replaced by the learned ``no_image`` embedding.
+* dropout (``encoder_dropout``, the released code's placement): ``dropout`` on the
+  encoder states before the text layer and the ESD layer, and no dropout on the fused
+  ``[A; B]`` before the classifier (the code's ``final_output = self.dropout(...)`` is
+  commented out), so the tagger's emission dropout is off for this head. False: no
+  input dropout and the tagger's dropout on the head's output, as for other heads.
+* the loss, as the released code reduces it: ``-crf(..., reduction='mean') + 0.5 *
+  -aux_crf(..., reduction='mean')``: ``crf_reduction = "mean"`` and the ESD loss is the
+  mean over rows too, so ``esd_weight`` is the code's beta = 0.5 as written. The paper
+  text was not at hand; the code is the source.
 * text input ``H``: the encoder states passed through one transformer layer
   (``UMTHead.text_layer``, UMT's "main" text branch; switch ``text_layer``: False uses
   the encoder states as ``H``, as MGC's section 2.4 summary states it).
 * eqs. 13-16, ``P = LN(P~ + FFN(P~))`` with ``P~ = LN(g + M(H, g))``: regions attend to
-  words, a shared ``CrossModalLayer`` ``img2txt`` (query V, key/value H) -> ``P`` (B, R, D).
-  The interaction module (``MultimodalInteraction``) and its layers are the shared
-  building blocks of ``mner/train/heads/layers.py``, which MGC's output module uses too.
+  words, a shared ``CrossModalLayer`` ``img2txt`` (query V2, key/value H) -> ``P`` (B, R, D).
+  The whole output module (text layer, interaction, ESD, conversion:
+  ``layers.UMTOutputModule``) is a shared building block of
+  ``mner/train/heads/layers.py``, which MGC's output module uses too.
 * image-aware word representation ``A``: words attend to ``P`` through a second
   cross-modal transformer layer ``txt2img_word`` (query H, key/value P) -> (B, T, D).
 * word-aware visual representation ``Q``: words attend to the regions,
@@ -59,88 +73,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torchcrf import CRF
-
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
-from mner.train.heads.layers import (
-    CrossModalLayer,
-    MultimodalInteraction,
+from mner.train.heads.layers import (  # noqa: F401  (the ESD helpers are UMT's; re-exported)
+    SPAN_TAGS,
+    UMTOutputModule,
     attention_heads,
+    compact_labelled,
+    conversion_matrix,
     mean_gate,
+    span_tag_map,
 )
 from mner.train.recipes import UMT_CODE
-
-# ---------------------------------------------------------------------------------------
-# Entity span detection (UMT's auxiliary text-only module).
-# ---------------------------------------------------------------------------------------
-
-#: Untyped span tags of the ESD task.
-SPAN_TAGS = ("O", "B", "I")
-
-
-def span_tag_map(label_names: tuple[str, ...] | list[str]) -> torch.Tensor:
-    """Map typed tag ids to untyped span tag ids (index into :data:`SPAN_TAGS`).
-
-    ``B-X``/``S-X`` -> B, ``I-X``/``E-X`` -> I, anything else (``O``) -> O.
-
-    Returns:
-        (L,) long tensor.
-    """
-    out = []
-    for name in label_names:
-        prefix = name.split("-", 1)[0] if "-" in name else name
-        out.append(1 if prefix in ("B", "S") else 2 if prefix in ("I", "E") else 0)
-    return torch.tensor(out, dtype=torch.long)
-
-
-def conversion_matrix(label_names: tuple[str, ...] | list[str]) -> torch.Tensor:
-    """UMT's fixed conversion from span tag scores to typed tag scores.
-
-    Row ``s`` spreads span tag ``s`` (``O``, ``B``, ``I``) over the typed tags it stands
-    for: ``O`` -> ``O`` with weight 1; ``B`` -> each ``B-X`` and ``S-X``, ``I`` -> each
-    ``I-X`` and ``E-X``, with weight 1 / (number of entity types).
-
-    Returns:
-        (3, K) float tensor, K = ``len(label_names)``.
-    """
-    spans = span_tag_map(label_names)
-    types = {n.split("-", 1)[1] for n in label_names if "-" in n}
-    w = torch.zeros(len(SPAN_TAGS), len(label_names))
-    w[spans, torch.arange(len(label_names))] = 1.0
-    w[1:] /= max(len(types), 1)
-    return w
-
-
-def compact_labelled(
-    emissions: torch.Tensor, tags: torch.Tensor, labelled: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gather the labelled positions (first sub-tokens) of each row to the left.
-
-    Args:
-        emissions: (B, T, K).
-        tags: (B, T) long.
-        labelled: (B, T) bool.
-
-    Returns:
-        ``(emissions (B, W, K), tags (B, W), mask (B, W))`` with W the largest number
-        of labelled positions in a row; word order is kept.
-    """
-    count = labelled.sum(1)
-    W = max(int(count.max()), 1)
-    # Stable sort puts labelled positions first, in their original order.
-    order = torch.sort((~labelled).to(torch.int8), dim=1, stable=True).indices[:, :W]
-    em = emissions.gather(1, order.unsqueeze(-1).expand(-1, -1, emissions.shape[-1]))
-    tg = tags.gather(1, order)
-    mask = torch.arange(W, device=tags.device).unsqueeze(0) < count.unsqueeze(1)
-    return em, tg.masked_fill(~mask, 0), mask
-
-
-# ---------------------------------------------------------------------------------------
-# The head.
-# ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -166,6 +109,12 @@ class UMTConfig:
         no_gate: drop the visual gate (eq. 17): ``B = Q``.
         no_image_aware: drop the image-aware word representation: ``A = H``.
         no_word_aware: drop the word-aware visual representation ``Q`` (and the gate).
+        visual_projections: 2 = the released code's two projections of the grid
+            (``vismap2text`` for the words-attend-to-regions path, ``vismap2text_v2``
+            for the regions-attend-to-words path); 1 = one shared projection.
+        encoder_dropout: dropout (``dropout``) on the encoder states before every
+            branch and none before the classifier, as the released code places it;
+            False = the tagger's dropout on the head's output instead.
     """
 
     heads: int | None = None
@@ -180,10 +129,14 @@ class UMTConfig:
     no_gate: bool = False
     no_image_aware: bool = False
     no_word_aware: bool = False
+    visual_projections: int = 2
+    encoder_dropout: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.visual_projections not in (1, 2):
+            raise ValueError(f"visual_projections must be 1 or 2, got {self.visual_projections}")
         if not 0.0 <= self.conversion_weight <= 1.0:
             raise ValueError(f"conversion_weight must be in [0, 1], got {self.conversion_weight}")
         if self.esd_weight < 0:
@@ -198,7 +151,7 @@ class UMTConfig:
 
 
 @register
-class UMTHead(FusionHead):
+class UMTHead(UMTOutputModule, FusionHead):
     """UMT (Yu et al. 2020): multimodal transformer over the ResNet grid + ESD."""
 
     name = "umt"
@@ -208,34 +161,27 @@ class UMTHead(FusionHead):
     default_scheme = "bio2"
     Config = UMTConfig
     ffn_follows_encoder = True
+    # The released code: ``- crf(..., reduction='mean')`` for both tagging losses.
+    crf_reduction = "mean"
 
     def __init__(self, cfg: UMTConfig, text_dim: int, feature_dims: Mapping[str, int]):
         super().__init__(cfg, text_dim, feature_dims)
         D = text_dim
-        heads = attention_heads(D, cfg.heads)
-        ffn = cfg.ffn_dim or 4 * D
-        # UMT's main text branch: one more transformer layer over BERT.
-        self.text_layer = CrossModalLayer(D, heads, ffn, cfg.dropout) if cfg.text_layer else None
-        self.interaction = MultimodalInteraction(
+        self.build_umt_output(
             D,
             self.feature_dims["resnet/grid"],
-            heads,
-            ffn,
+            attention_heads(D, cfg.heads),
+            cfg.ffn_dim or 4 * D,
             cfg.dropout,
+            text_layer=cfg.text_layer,
+            esd=cfg.esd,
+            esd_decoder=cfg.esd_decoder,
             image_aware=not cfg.no_image_aware,
             word_aware=not cfg.no_word_aware,
             gate=not cfg.no_gate,
+            visual_projections=cfg.visual_projections,
+            encoder_dropout=cfg.encoder_dropout,
         )
-        self.out_dim = self.interaction.out_dim
-        self.esd_layer = self.esd_classifier = self.esd_crf = None
-        if cfg.esd:
-            # A separate text-only branch, so span detection cannot lean on the image.
-            self.esd_layer = CrossModalLayer(D, heads, ffn, cfg.dropout)
-            self.esd_classifier = nn.Linear(D, len(SPAN_TAGS))
-            if cfg.esd_decoder == "crf":
-                self.esd_crf = CRF(len(SPAN_TAGS), batch_first=True)
-        # Fixed tables derived from the tag names (span map, conversion matrix), per device.
-        self._tables: dict[tuple, torch.Tensor] = {}
 
     def forward(self, batch: HeadInput) -> HeadOutput:
         """Fuse the encoder states with the ResNet grid.
@@ -250,49 +196,23 @@ class UMTHead(FusionHead):
             are given; ``emission_prior`` (B, T, K) and ``prior_weight`` when the
             conversion is on; ``diagnostics["umt_gate"]`` (B,) when the gate is on.
         """
-        mask = batch.token_mask
-        H = batch.hidden if self.text_layer is None else self.text_layer(batch.hidden, batch.hidden, mask)  # (B, T, D)
-        fused = self.interaction(H, mask, batch.visual["resnet/grid"], batch.image_mask)
-        out = HeadOutput(hidden=fused.hidden)
-        if fused.gate is not None:
-            out.diagnostics["umt_gate"] = mean_gate(fused.gate, mask)
-        convert = self.cfg.esd and self.cfg.conversion
-        if self.cfg.esd and (batch.labels is not None or convert):
-            # ESD's own text branch (UMT's second self-attention layer) -> B/I/O scores.
-            # float32: the CRF's log-sum-exp is sensitive to half precision under autocast.
-            logits = self.esd_classifier(self.esd_layer(batch.hidden, batch.hidden, mask)).float()  # (B, T, 3)
-            if batch.labels is not None:
-                out.aux_losses["esd"] = self.cfg.esd_weight * self._esd_loss(logits, batch)
-            if convert:
-                out.emission_prior = logits @ self._conversion(batch.label_names, logits.device)  # (B, T, K)
-                out.prior_weight = self.cfg.conversion_weight
+        cfg = self.cfg
+        res = self.umt_output(
+            batch.hidden,
+            batch.token_mask,
+            batch.visual["resnet/grid"],
+            batch.image_mask,
+            labels=batch.labels,
+            label_names=batch.label_names,
+            conversion=cfg.esd and cfg.conversion,
+            reduction=self.crf_reduction,
+        )
+        out = HeadOutput(hidden=res.hidden)
+        if res.gate is not None:
+            out.diagnostics["umt_gate"] = mean_gate(res.gate, batch.token_mask)
+        if res.esd_loss is not None:
+            out.aux_losses["esd"] = cfg.esd_weight * res.esd_loss
+        if res.emission_prior is not None:
+            out.emission_prior = res.emission_prior
+            out.prior_weight = cfg.conversion_weight
         return out
-
-    def _esd_loss(self, logits: torch.Tensor, batch: HeadInput) -> torch.Tensor:
-        """Untyped B/I/O span detection loss (mean over rows) of (B, T, 3) ``logits``."""
-        labels = batch.labels
-        labelled = labels >= 0
-        span = self._span_map(batch.label_names, labels.device)[labels.clamp(min=0)]  # (B, T)
-        if self.cfg.esd_decoder == "softmax":
-            return F.cross_entropy(logits[labelled], span[labelled]) if labelled.any() else logits.sum() * 0.0
-        rows = labelled.any(1)  # the CRF needs at least one position per row
-        if not rows.any():
-            return logits.sum() * 0.0
-        em, tags, m = compact_labelled(logits[rows], span[rows], labelled[rows])
-        return -self.esd_crf(em, tags, mask=m, reduction="mean")
-
-    def _conversion(self, label_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        return self._label_table(conversion_matrix, label_names, device, "UMT's conversion matrix")
-
-    def _span_map(self, label_names: tuple[str, ...], device: torch.device) -> torch.Tensor:
-        return self._label_table(span_tag_map, label_names, device, "UMT's ESD loss")
-
-    def _label_table(self, build, label_names, device: torch.device, user: str) -> torch.Tensor:
-        """``build(label_names)`` on ``device``, kept until the tag set or device changes."""
-        names = tuple(label_names)
-        if not names:
-            raise ValueError(f"{user} needs HeadInput.label_names")
-        key = (build.__name__, names, device)
-        if key not in self._tables:
-            self._tables[key] = build(names).to(device)
-        return self._tables[key]
