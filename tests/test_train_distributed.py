@@ -389,3 +389,24 @@ def test_nproc_flag_and_dvc_stages(mner_cli, monkeypatch):
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert "--nproc ${pipeline.nproc}" in stages["train"]["cmd"]
     assert "--nproc ${pipeline.nproc}" in stages["extract"]["do"]["cmd"]
+
+
+def test_summed_losses_add_up_to_the_global_sum_over_ranks(monkeypatch):
+    # Heads whose papers sum a loss over the batch (MGC eq. 19, HamLearning eq. 17, the
+    # KD and ESD terms) must give under DDP what one process gives: the global sum.
+    per_row = torch.arange(1.0, 8.0)  # 7 rows' loss terms, one global batch
+    for ranks in (2, 3):
+        total_sum, total_mean = 0.0, 0.0
+        for rank in range(ranks):
+            idx, weight = distributed.shard(list(range(7)), rank, ranks)
+            rows = per_row[idx] if weight > 0 else per_row[:0]
+            scale = distributed.sum_scale(weight, ranks)
+            monkeypatch.setattr(distributed, "active", lambda: True)
+            with distributed.gathering(rows_valid=weight > 0, sum_scale=scale):
+                local = float(rows.sum()) * distributed.local_sum_scale()
+            total_sum += weight * local / ranks  # the trainer's weight, then DDP's average
+            total_mean += weight * (float(rows.mean()) if len(rows) else 0.0) / ranks
+        assert total_sum == pytest.approx(float(per_row.sum()))
+        assert total_mean == pytest.approx(float(per_row.mean()))
+    monkeypatch.setattr(distributed, "active", lambda: False)
+    assert distributed.local_sum_scale() == 1.0  # one process: nothing changes

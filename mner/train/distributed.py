@@ -335,26 +335,51 @@ def shard_batches(
 
 # -- gathering contrastive negatives across ranks -------------------------------------
 
-_GATHER = {"on": False, "rows_valid": True}
+_GATHER = {"on": False, "rows_valid": True, "sum_scale": 1.0}
 
 
 @contextlib.contextmanager
-def gathering(rows_valid: bool = True) -> Iterator[None]:
+def gathering(rows_valid: bool = True, sum_scale: float = 1.0) -> Iterator[None]:
     """Within the block (a DDP training step), contrastive losses gather across ranks.
 
     Args:
         rows_valid: False when this rank's batch is a weight-0 stand-in (see
             :func:`shard`): its rows then take part in no other rank's loss.
+        sum_scale: the factor a loss term summed over this rank's rows only (a CRF or
+            distillation loss with ``reduction="sum"``) is multiplied by
+            (:func:`local_sum_scale`): the trainer weights each rank's loss for terms
+            that are means over the rows (:func:`shard`), so a summed term needs
+            ``len(batch) / len(share)`` on top to equal, after DDP's average, the sum
+            over the global batch one process takes.
     """
     if not active():
         yield
         return
     before = dict(_GATHER)
-    _GATHER.update(on=True, rows_valid=rows_valid)
+    _GATHER.update(on=True, rows_valid=rows_valid, sum_scale=sum_scale)
     try:
         yield
     finally:
         _GATHER.update(before)
+
+
+def sum_scale(weight: float, world_size: int) -> float:
+    """The :func:`gathering` ``sum_scale`` of a rank whose loss weight is ``weight``.
+
+    ``weight = len(share) * N / len(batch)`` (:func:`shard`) makes the ranks' weighted
+    means average to the global mean; a term summed over the share needs ``N / weight``
+    more, so that ``(1/N) sum_r weight_r * (N / weight_r) * S_r = sum_r S_r``, the global
+    sum one process takes. A weight-0 stand-in contributes nothing either way.
+    """
+    return world_size / weight if weight > 0 else 0.0
+
+
+def local_sum_scale() -> float:
+    """The factor for a loss summed over this rank's rows (1.0 outside a DDP step).
+
+    Losses gathered across ranks (:func:`gather_rows`) are global and need none.
+    """
+    return float(_GATHER["sum_scale"]) if gathering_active() else 1.0
 
 
 def gathering_active() -> bool:

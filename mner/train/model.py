@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchcrf import CRF
 
+from mner.train import distributed
 from mner.train.data import Batch
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput
 
@@ -121,6 +122,8 @@ class Tagger(nn.Module):
         """
         emissions, out = self(batch)
         nll = -self.crf(emissions, batch.word_tags, mask=batch.word_mask, reduction=self.head.crf_reduction)
+        if self.head.crf_reduction == "sum":  # under DDP: this rank's share of the global sum
+            nll = nll * distributed.local_sum_scale()
         total = nll
         parts = {"crf": float(nll.detach())}
         for name, value in out.aux_losses.items():

@@ -431,7 +431,8 @@ def train_epoch(
             if ddp is None:
                 loss, _ = model.loss(batch)
             else:
-                with distributed.gathering(rows_valid=weight > 0):
+                scale = distributed.sum_scale(weight, distributed.world().world_size)
+                with distributed.gathering(rows_valid=weight > 0, sum_scale=scale):
                     loss, _ = ddp(batch)
         if not torch.isfinite(loss):
             raise _nonfinite_loss(loss.item(), batch, dataset, desc)

@@ -28,6 +28,7 @@ from torch import nn
 from torchcrf import CRF
 
 from mner.errors import ConfigError
+from mner.train.distributed import local_sum_scale
 
 # ---------------------------------------------------------------------------------------
 # Masks.
@@ -552,12 +553,14 @@ class UMTOutputModule:
                 return logits.sum() * 0.0
             loss = F.cross_entropy(logits[labelled], span[labelled])  # mean over tokens
             # "sum" scales it by the rows, as a summed CRF loss scales with the batch.
-            return loss * labelled.any(1).sum() if reduction == "sum" else loss
+            return loss * labelled.any(1).sum() * local_sum_scale() if reduction == "sum" else loss
         rows = labelled.any(1)  # the CRF needs at least one position per row
         if not rows.any():
             return logits.sum() * 0.0
         em, tags, m = compact_labelled(logits[rows], span[rows], labelled[rows])
-        return -self.esd_crf(em, tags, mask=m, reduction=reduction)
+        nll = -self.esd_crf(em, tags, mask=m, reduction=reduction)
+        # A sum over this rank's rows: under DDP scaled so the ranks add up to the global sum.
+        return nll * local_sum_scale() if reduction == "sum" else nll
 
     def _label_table(self, build, label_names, device: torch.device, user: str) -> torch.Tensor:
         """``build(label_names)`` on ``device``, kept until the tag set or device changes."""

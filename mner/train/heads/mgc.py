@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mner.errors import CacheError, ConfigError
+from mner.train.distributed import local_sum_scale
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput, register
 from mner.train.heads.layers import (
     MultimodalInteraction,
@@ -347,4 +348,5 @@ def _distance(target: torch.Tensor, pred: torch.Tensor, valid: torch.Tensor, red
     dist = ((target.detach().float() - pred.float()).pow(2).sum(-1) + 1e-8).sqrt()
     w = valid.to(dist.dtype)
     total = (dist * w).sum()
-    return total if reduction == "sum" else total / w.sum().clamp(min=1.0)
+    # Summed over this rank's rows: under DDP scaled so the ranks add up to the global sum.
+    return total * local_sum_scale() if reduction == "sum" else total / w.sum().clamp(min=1.0)
