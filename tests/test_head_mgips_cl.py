@@ -11,16 +11,18 @@ from mner.config import build
 from mner.errors import CacheError, ConfigError
 from mner.train.heads import get_head
 from mner.train.heads.base import HeadInput
-from mner.train.heads.mgips_cl import CROPS, MgipsClConfig, MgipsClHead
+from mner.train.heads.mgips_cl import CROPS, LAYERS, MgipsClConfig, MgipsClHead
 
 DT, DC = 32, 24  # text and CLIP widths, small; heads use heads=2
 B, T = 8, 7
 
 
 def make_head(seed: int = 0, **overrides) -> MgipsClHead:
+    """A head on given encoder states: late fusion unless ``fusion`` says otherwise (the
+    MGI, gate and contrastive parts are the same in both modes)."""
     torch.manual_seed(seed)
-    cfg = MgipsClConfig(heads=2, **overrides)
-    return MgipsClHead(cfg, DT, {CROPS: DC})
+    cfg = MgipsClConfig(heads=2, **{"fusion": "late", **overrides})
+    return MgipsClHead(cfg, DT, {CROPS: DC, LAYERS: DC})
 
 
 def make_batch(seed: int = 1, batch: int = B, length: int = T) -> HeadInput:
@@ -47,13 +49,16 @@ def test_registered_with_paper_defaults():
     assert cls is MgipsClHead
     cfg = build(cls.Config, {}, where="test")
     assert (cfg.ips_k, cfg.interweave_layers, cfg.ips_weight, cfg.cl_weight) == (3, 1, 1.0, 1.0)
-    assert cls.required_features(cfg) == (CROPS,)
+    assert cfg.fusion == "layerwise" and cfg.temperature == 0.07
+    assert cls.required_features(cfg) == (CROPS, LAYERS)
+    late = dataclasses.replace(cfg, fusion="late")
+    assert cls.required_features(late) == (CROPS,)
     # text_dim // 64 heads: 12 at BERT-base's 768 as in the paper.
-    head = cls(cfg, 768, {CROPS: 512})
+    head = cls(dataclasses.replace(cfg, encoder_layers=12), 768, {CROPS: 512, LAYERS: 512})
     assert head.heads == 12 and head.out_dim == 768
-    assert cls(cfg, 200, {CROPS: 8}).heads == 2  # 200 // 64 = 3 does not divide 200
+    assert cls(late, 200, {CROPS: 8}).heads == 2  # 200 // 64 = 3 does not divide 200
     with pytest.raises(ConfigError, match="heads"):
-        cls(MgipsClConfig(heads=5), 32, {CROPS: 8})
+        cls(MgipsClConfig(heads=5, fusion="late"), 32, {CROPS: 8})
 
 
 @pytest.mark.parametrize(

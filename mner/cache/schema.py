@@ -12,8 +12,9 @@ Layout (N images, S sentences; see docs/ARCHITECTURE.md for the table)::
 Shape templates name their symbolic dimensions with letters: ``N`` rows, ``Dr`` ResNet
 channels, ``Dc`` CLIP embedding, ``Wc`` CLIP width, ``P1`` patch tokens + class token,
 ``O`` objects, ``O1`` objects + 1, ``Do`` region feature, ``K`` crops, ``T`` crop tokens,
-``E`` max entities per sentence. Per-row tensors are chunked one row per chunk, so
-reading one image touches one chunk per dataset.
+``L`` stored CLIP depths, ``Pc`` patches per crop, ``E`` max entities per sentence.
+Per-row tensors are chunked one row per chunk, so reading one image touches one chunk
+per dataset.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ GROUPS: dict[str, tuple[DatasetSpec, ...]] = {
         DatasetSpec("patch_tokens", F16, ("N", "K", "T", "Wc"), "CLIP tokens of object crops"),
         DatasetSpec("boxes", F32, ("N", "K", 4), "crop boxes, xyxy pixels"),
         DatasetSpec("count", I32, ("N",), "valid crops per image"),
+    ),
+    "crop_layers": (
+        DatasetSpec("tokens", F16, ("N", "K", "L", "Pc", "Wc"),
+                    "CLIP hidden states of each crop's patches at the depths in attrs clip_layers"),
     ),
     "clip_text": (
         DatasetSpec("sentence", F16, ("S", "Dc"), "projected text embedding of the sentence"),
