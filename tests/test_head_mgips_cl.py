@@ -337,7 +337,7 @@ def layer_outputs(head, enc, inputs, batch) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "xlmr"])
 def test_running_the_encoder_layer_by_layer_is_its_own_forward(kind):
-    from mner.train.encoder import bert_layers, embed, run_layer
+    from mner.train.encoder_layers import bert_layers, embed, run_layer
 
     enc = tiny_encoder(kind)
     batch = make_batch()
@@ -521,3 +521,48 @@ def test_visual_sequence_is_one_class_embedding_and_48_patches(fusion):
     crops[0, 0, 1] += torch.randn(DC)  # a patch token is
     assert not torch.allclose(head(dataclasses.replace(
         batch, visual={**batch.visual, CROPS: crops})).hidden[0], out[0])
+
+
+# -- the cached per-depth CLIP crop states (``crop_layers``) -----------------------------
+
+
+def test_clip_depths_are_the_vits_hidden_states():
+    from mner.extract.clip import ClipBackbone
+    from mner.extract.config import ExtractConfig
+
+    bb = ClipBackbone(ExtractConfig(profile="tiny", device="cpu"), torch.device("cpu"))
+    assert bb.depth == 3 and bb.clip_layers(ExtractConfig(profile="tiny")) == (0, 1, 2)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        states = bb.encode_layers(bb.model.visual, x, (0, 2, 3))  # (B, L, 1+P, Wc)
+        _, final = bb.encode_tokens(bb.model.visual, x)
+        embeds = bb.model.visual._embeds(x)
+    assert states.shape == (2, 3, 50, 192)
+    torch.testing.assert_close(states[:, 0], embeds)  # depth 0: V^e, after ln_pre
+    # The deepest block's output through ln_post is the cached final-layer tokens.
+    torch.testing.assert_close(bb.model.visual.ln_post(states[:, 2]), final, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(states[:, 1], states[:, 2])
+    with pytest.raises(ConfigError, match="has 3 blocks, so depths go from 0 to 3"):
+        bb.clip_layers(ExtractConfig(profile="tiny", clip_layers=(0, 4)))
+    with pytest.raises(ValueError, match="increasing depths"):
+        ExtractConfig(clip_layers=(2, 1))
+
+
+def test_the_cache_holds_each_crops_patch_states_per_depth(tiny_cache):
+    import numpy as np
+
+    from mner.cache.reader import FeatureCache
+
+    cache = FeatureCache(tiny_cache)
+    prov = cache.provenance["crop_layers"]
+    assert prov["preprocessing"]["clip_layers"] == [0, 1, 2]
+    assert prov["dims"] == {"K": 3, "L": 3, "Pc": 16, "Wc": 192}
+    assert prov["weights"] == cache.provenance["crops"]["weights"]
+    ids = cache.image_ids[:40]
+    arrays, ok, masks = cache.load([LAYERS, CROPS], ids)
+    tokens = arrays[LAYERS]
+    assert tokens.shape == (40, 3, 3, 16, 192) and tokens.dtype == np.float16
+    real = masks["crops"]  # (B, K) crops below count, of images that were read
+    assert real.any() and (~ok).any()
+    assert (np.abs(tokens[real]).reshape(int(real.sum()), -1).max(1) > 0).all()
+    assert not tokens[~real].any()  # padded crop slots and unread images stay zero

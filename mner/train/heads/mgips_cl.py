@@ -21,7 +21,7 @@ own class token is dropped here, so the sequence is 1 + O*(R-1) as in the paper,
 
 ``fusion="layerwise"`` (default; section 3.2, eqs. 2-4). The mutual attention runs
 inside the text encoder: the head runs BERT's own layers (``Tagger`` calls
-:meth:`MgipsClHead.encode`, with :func:`mner.train.encoder.run_layer`), and text layer
+:meth:`MgipsClHead.encode`, with :func:`mner.train.encoder_layers.run_layer`), and text layer
 l+1 attends, in one softmax, over [K^v_l, H^t_l W^k] and [V^v_l, H^t_l W^v] with BERT's
 own W^q, W^k, W^v (eq. 2); layer 1 reads depth 0, the embeddings V^e (eq. 3). K^v_l and
 V^v_l = ``img_key[l]``/``img_value[l]`` (Linear Wc -> D after ``img_norm[l]``, a
@@ -415,7 +415,7 @@ class MgipsClHead(FusionHead):
                 ``encoder_layers``.
         """
         from mner.errors import ConfigError
-        from mner.train.encoder import bert_layers, embed, run_layer
+        from mner.train.encoder_layers import bert_layers, embed, run_layer
 
         if LAYERS not in visual:
             raise CacheError(f"mgips_cl fusion=layerwise reads {LAYERS}; re-run mner extract with "
