@@ -175,4 +175,3 @@ def save(model: nn.Module, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
