@@ -16,8 +16,9 @@ class ExtractConfig:
     Attributes:
         profile: ``paper`` (the published pretrained models) or ``tiny`` (seeded random
             models small enough for a 2-core CPU; tests and the demo).
-        features: Feature groups to compute; ``relations`` and ``crops`` run the
-            detector too (its outputs are stored only when ``objects`` is listed).
+        features: Feature groups to compute; ``relations``, ``crops`` and
+            ``crop_layers`` run the detector too (its outputs are stored only when
+            ``objects`` is listed).
         device: ``auto`` picks CUDA when available.
         batch_size: Images per inference batch.
         workers: DataLoader processes decoding images; None = 4 on CUDA, on CPU 0 up
