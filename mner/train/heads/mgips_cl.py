@@ -5,7 +5,7 @@ Sample Contrastive Learning", a journal article (c. 2025) whose copy the impleme
 follows names no authors, venue, arXiv id or DOI (docs/papers.md); sections 3.1-3.4,
 4.3 and ablation table 3. Defaults are the paper's (see ``MgipsClConfig``).
 
-The one departure: CLIP is frozen. The paper fine-tunes CLIP ViT (lr 3e-5) with BERT;
+Departure: CLIP is frozen. The paper fine-tunes CLIP ViT (lr 3e-5) with BERT;
 mner caches CLIP's hidden states once (``mner extract``) and trains only BERT and the
 head, so the image encoder's states H^v_l are CLIP's pretrained ones and trainable
 projections (below) carry them into BERT's key/value space.
