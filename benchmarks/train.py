@@ -15,10 +15,16 @@ with it two cheaper UMT variants (no span detection; MGC section 2.4's layout) t
 the head's cost goes. Every configuration trains with ``--amp`` (default ``auto``, as
 ``mner train``: bfloat16 on CPUs with native bfloat16).
 
+With ``--mgips`` it instead times MGIPS-CL's layer-wise fusion (``head.fusion=layerwise``,
+the paper's mutual attention inside every encoder layer over cached per-depth CLIP crop
+states) against the head before it (``head.fusion=late``: one mutual-attention layer
+after the encoder), with the tiny and the BERT-base-sized encoder, and prints the ratio.
+
 Usage::
 
     python benchmarks/train.py [--data DIR --features CACHE.h5] [--device cpu|cuda]
         [--amp auto|off|bf16|fp16] [--max-batches N] [--base-batches N] [--threads N]
+        [--mgips]
 
 Without ``--data`` the sample dataset is generated (300/80/80 tweets) and its
 ResNet features extracted with the tiny profile into a temporary folder. Epoch times
@@ -43,7 +49,7 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 import torch  # noqa: E402
 
 
-def _setup_data(args) -> tuple[Path, Path]:
+def _setup_data(args, features=("resnet",)) -> tuple[Path, Path]:
     if args.data is not None:
         return Path(args.data), Path(args.features)
     from mner.data.sample import SampleConfig, generate
@@ -54,7 +60,7 @@ def _setup_data(args) -> tuple[Path, Path]:
     generate(SampleConfig(seed=13, n_train=300, n_valid=80, n_test=80), tmp / "sample")
     cache = tmp / "sample.h5"
     run_extract(
-        ExtractConfig(profile="tiny", device="cpu", features=("resnet",)),
+        ExtractConfig(profile="tiny", device="cpu", features=tuple(features)),
         images=tmp / "sample" / "images",
         data=None,
         out=cache,
@@ -171,9 +177,14 @@ def main() -> None:
     ap.add_argument("--base-batches", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds (medians printed)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mgips", action="store_true",
+                    help="time MGIPS-CL layer-wise vs late fusion instead (cache needs crops, crop_layers)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.mgips:
+        mgips_main(args, device)
+        return
 
     from transformers import BertConfig, BertModel
 
@@ -249,6 +260,54 @@ def main() -> None:
               f"b/a = {res['b'][i] / res['a'][i]:.2f} (target <= 1.15), "
               f"b/a BERT-base-sized = {res['base_b'][i] / res['base_a'][i]:.2f}"
               + (f", fp32/{precision} BERT-base = {res['base_a_fp32'][i] / res['base_a'][i]:.2f}" if fp32_row else ""))
+
+
+def mgips_main(args, device: torch.device) -> None:
+    """MGIPS-CL: seconds per epoch of ``fusion=layerwise`` against ``fusion=late``."""
+    from transformers import BertConfig, BertModel
+
+    from mner.cache.reader import FeatureCache
+    from mner.data.dataset import load_splits
+    from mner.devices import resolve_precision
+    from mner.train import encoder as encoders
+
+    data, features = _setup_data(args, ("crops", "crop_layers"))
+    tweets = load_splits(data)["train"]
+    cache = FeatureCache(features)
+    words = [t.tokens for t in tweets]
+    _, tok = encoders.build_tiny(words, seed=1)
+    base_cfg = BertConfig(vocab_size=max(len(tok), 30522))
+
+    def run(key):
+        base = key.startswith("base")
+        if base:
+            torch.manual_seed(0)
+            enc = BertModel(base_cfg, add_pooling_layer=False)
+        else:
+            enc, _ = encoders.build_tiny(words, seed=1)
+        fusion = key.rsplit("_", 1)[-1]
+        return epoch_seconds("mgips_cl", enc, tok, tweets, cache, device,
+                             args.base_batches if base else args.max_batches,
+                             overrides=(f"head.fusion={fusion}",), amp=args.amp)
+
+    keys = ("tiny_late", "tiny_layerwise", "base_late", "base_layerwise")
+    rounds: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.repeat):
+        for key in keys:
+            rounds.setdefault(key, []).append(run(key))
+    res = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+           for k, v in rounds.items()}
+    precision = resolve_precision(args.amp, device, what="--amp")
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} CPUs, torch threads {args.threads}, device {device}, "
+          f"amp {args.amp} -> {precision}")
+    print(f"train tweets: {len(tweets)}; cache: {features} "
+          f"(crop_layers/tokens {cache.shape('crop_layers/tokens')[1:]})")
+    print(f"mgips_cl seconds per training epoch:{'':19}{'wall':>9}{'cpu':>9}{'/ late':>9}")
+    for key in keys:
+        late = res[key.rsplit("_", 1)[0] + "_late"]
+        label = f"{'BERT-base-sized' if key.startswith('base') else 'tiny'} encoder, fusion={key.rsplit('_', 1)[-1]}"
+        print(f"  {label:52}{res[key][0]:9.2f}{res[key][1]:9.2f}{res[key][1] / late[1]:9.2f}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ Layout (N images, S sentences; see docs/ARCHITECTURE.md for the table)::
 Shape templates name their symbolic dimensions with letters: ``N`` rows, ``Dr`` ResNet
 channels, ``Dc`` CLIP embedding, ``Wc`` CLIP width, ``P1`` patch tokens + class token,
 ``O`` objects, ``O1`` objects + 1, ``Do`` region feature, ``K`` crops, ``T`` crop tokens,
-``L`` OCR strings, ``E`` max entities per sentence. Per-row tensors are chunked one row
-per chunk, so reading one image touches one chunk per dataset.
+``L`` OCR strings, ``Lc`` stored CLIP depths, ``Pc`` patches per crop, ``E`` max entities
+per sentence. Per-row tensors are chunked one row per chunk, so reading one image
+touches one chunk per dataset.
 
 Text read from images (``tags``, ``ocr``, ``caption``) is stored as variable-length
 UTF-8 strings (:data:`STR_DTYPE`): fixed slots per image (``O`` tags, ``L`` OCR strings)
@@ -91,6 +92,10 @@ GROUPS: dict[str, tuple[DatasetSpec, ...]] = {
         DatasetSpec("boxes", F32, ("N", "K", 4), "crop boxes, xyxy pixels"),
         DatasetSpec("count", I32, ("N",), "valid crops per image"),
     ),
+    "crop_layers": (
+        DatasetSpec("tokens", F16, ("N", "K", "Lc", "Pc", "Wc"),
+                    "CLIP hidden states of each crop's patches at the depths in attrs clip_layers"),
+    ),
     "tags": (
         DatasetSpec("names", STR, ("N", "O"), "distinct object labels, best score first"),
         DatasetSpec("scores", F32, ("N", "O"), "best detection score of each label"),
@@ -117,7 +122,9 @@ FEATURES: tuple[str, ...] = tuple(GROUPS)
 
 #: Features extracted when ``--features`` is not given (the visual inputs of the heads);
 #: the text-from-image features are asked for by name.
-DEFAULT_FEATURES: tuple[str, ...] = ("resnet", "clip", "objects", "relations", "crops", "clip_text")
+DEFAULT_FEATURES: tuple[str, ...] = (
+    "resnet", "clip", "objects", "relations", "crops", "crop_layers", "clip_text",
+)
 
 #: Groups holding text read from the images (``FeatureCache.strings``).
 STRING_GROUPS: tuple[str, ...] = ("tags", "ocr", "caption")

@@ -10,6 +10,11 @@ Image outputs: the projected image embedding (``image_embed``, not L2-normalised
 the final-layer tokens after ``ln_post`` (``patch_tokens``, class token first, width
 Wc, unprojected), from open_clip's ``forward_intermediates``. Text outputs: the
 projected embedding of each sentence and of each gold entity span, not normalised.
+
+Per-layer tokens (:meth:`ClipBackbone.encode_layers`, the ``crop_layers`` feature):
+the hidden states of chosen depths of the ViT (0 = the embeddings after ``ln_pre``,
+i = the output of block i, raw residual stream), for MGIPS-CL's layer-wise mutual
+attention (its eq. 2 reads the image encoder's layer l in text layer l+1).
 """
 
 from __future__ import annotations
@@ -98,6 +103,47 @@ class ClipBackbone:
             x, indices=1, normalize_intermediates=True, output_fmt="NLC", output_extra_tokens=True)
         tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], 1)
         return out["image_features"], tokens
+
+
+    @staticmethod
+    def encode_layers(visual: torch.nn.Module, x: torch.Tensor, depths: tuple[int, ...]
+                      ) -> torch.Tensor:
+        """Hidden states (B, L, 1+P, Wc) of ``visual`` at ``depths`` (class token first).
+
+        Depth 0 is the input of the first block (patch embedding + class embedding +
+        position embedding, ``ln_pre`` applied: the paper's V^e); depth i is the output
+        of block i, before any ``ln_post``. Blocks past the deepest requested depth are
+        not run.
+        """
+        h = visual._embeds(x)  # (B, 1+P, Wc), depth 0
+        keep = {0: h} if 0 in depths else {}
+        tr = visual.transformer
+        if not getattr(tr, "batch_first", True):
+            h = h.transpose(0, 1)
+        for i, block in enumerate(tr.resblocks[: max(depths)], start=1):
+            h = block(h)
+            if i in depths:
+                keep[i] = h if getattr(tr, "batch_first", True) else h.transpose(0, 1)
+        return torch.stack([keep[d] for d in depths], 1)
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks of the CLIP ViT."""
+        return len(self.model.visual.transformer.resblocks)
+
+    def clip_layers(self, cfg: ExtractConfig) -> tuple[int, ...]:
+        """``cfg.clip_layers`` resolved (None = 0 .. depth-1) and checked against the ViT.
+
+        Raises:
+            ConfigError: a depth beyond the ViT's blocks.
+        """
+        layers = cfg.clip_layers if cfg.clip_layers is not None else tuple(range(self.depth))
+        if max(layers) > self.depth:
+            from mner.errors import ConfigError
+
+            raise ConfigError(f"clip_layers {list(layers)}: {self.name} has {self.depth} blocks, "
+                              f"so depths go from 0 to {self.depth}; e.g. -o clip_layers=null")
+        return tuple(layers)
 
 
 class ClipExtractor(Extractor):

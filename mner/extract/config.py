@@ -21,9 +21,9 @@ class ExtractConfig:
             models small enough for a 2-core CPU; tests and the demo).
         features: Feature groups to compute (default: the visual ones,
             :data:`mner.cache.schema.DEFAULT_FEATURES`; the text-from-image features
-            ``tags``, ``ocr``, ``caption`` are asked for by name). ``relations`` and
-            ``crops`` run the detector too (its outputs are stored only when ``objects``
-            is listed). ``tags`` are derived from the stored ``objects``, so listing
+            ``tags``, ``ocr``, ``caption`` are asked for by name). ``relations``,
+            ``crops`` and ``crop_layers`` run the detector too (its outputs are stored
+            only when ``objects`` is listed). ``tags`` are derived from the stored ``objects``, so listing
             ``tags`` adds ``objects``: rows the cache already holds are not recomputed.
         device: ``auto`` picks CUDA when available.
         batch_size: Images per inference batch.
@@ -57,6 +57,12 @@ class ExtractConfig:
             vector) or ``mean`` (RoIAlign 7x7 averaged to the FPN width).
         num_crops: Object crops per image for MGIPS-CL (K).
         crop_size: Side of the square crop fed to CLIP, pixels.
+        clip_layers: CLIP depths whose crop patch states the ``crop_layers`` feature
+            stores (MGIPS-CL's layer-wise mutual attention reads them): 0 = the
+            embeddings after ``ln_pre`` (the paper's V^e), i = the output of block i
+            (raw residual stream, no ``ln_post``). None = 0 .. L-1 for an L-block CLIP
+            ViT (0..11 for ViT-B), the depths eq. 2 reads for a 12-layer text encoder
+            (text layer l+1 reads image layer l). Sorted, no duplicates.
         max_pixels: Decompression-bomb guard: larger images get status ``too_large``.
         precision: Autocast dtype of the frozen models: ``fp32`` (none), ``bf16``,
             ``fp16`` (CUDA only), or ``auto``, resolved once per run by
@@ -105,6 +111,7 @@ class ExtractConfig:
     region_pool: Literal["box_head", "mean"] = "box_head"
     num_crops: int = 3
     crop_size: int = 128
+    clip_layers: tuple[int, ...] | None = None
     max_pixels: int = 89_478_485
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int | None = None
@@ -136,6 +143,12 @@ class ExtractConfig:
         if d2_set and self.detector != "detectron2":
             raise ValueError(f"{d2_set[0]} is set but detector is {self.detector}; add "
                              f"-o detector=detectron2 or drop {d2_set[0]}")
+        if self.clip_layers is not None:
+            layers = tuple(int(x) for x in self.clip_layers)
+            if not layers or min(layers) < 0 or list(layers) != sorted(set(layers)):
+                raise ValueError(f"clip_layers must be increasing depths >= 0 without duplicates "
+                                 f"(or null for all), got {list(self.clip_layers)}")
+            object.__setattr__(self, "clip_layers", layers)
         if self.num_crops > self.max_objects:
             raise ValueError(f"num_crops ({self.num_crops}) exceeds max_objects ({self.max_objects})")
         # Keep the canonical order so caches made with the same set compare equal.
@@ -160,4 +173,4 @@ class ExtractConfig:
     @property
     def needs_detector(self) -> bool:
         """Whether any requested feature needs detections."""
-        return bool({"objects", "relations", "crops"} & set(self.features))
+        return bool({"objects", "relations", "crops", "crop_layers"} & set(self.features))

@@ -70,6 +70,17 @@ class CropExtractor(Extractor):
                             interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return (c.clamp_(0, 255) / 255 - self.mean) / self.std
 
+    def _crops(self, images: list[torch.Tensor], boxes: np.ndarray, n: np.ndarray
+               ) -> tuple[list[tuple[int, int]], torch.Tensor | None]:
+        """The (image, crop) slots with a real box and their normalised crops (sumK, 3, S, S)."""
+        crops, where = [], []
+        with one_thread():  # bicubic resampling rounds by thread split (see one_thread)
+            for i, im in enumerate(images):
+                for j in range(n[i]):
+                    crops.append(self.crop(im, boxes[i, j]))
+                    where.append((i, j))
+        return where, (torch.stack(crops).to(self.device) if crops else None)
+
     @torch.inference_mode()
     def __call__(self, images: list[torch.Tensor], boxes: np.ndarray, count: np.ndarray
                  ) -> dict[str, np.ndarray]:
@@ -88,15 +99,10 @@ class CropExtractor(Extractor):
         n = np.minimum(count, k).astype(np.int32)
         out = {"patch_tokens": np.zeros((b, k, self.tokens, self.bb.width), np.float32),
                "boxes": np.zeros((b, k, 4), np.float32), "count": n}
-        crops, where = [], []
-        with one_thread():  # bicubic resampling rounds by thread split (see one_thread)
-            for i, im in enumerate(images):
-                for j in range(n[i]):
-                    crops.append(self.crop(im, boxes[i, j]))
-                    where.append((i, j))
-                    out["boxes"][i, j] = boxes[i, j]
-        if crops:
-            x = torch.stack(crops).to(self.device)
+        where, x = self._crops(images, boxes, n)
+        for i, j in where:
+            out["boxes"][i, j] = boxes[i, j]
+        if x is not None:
             with self.autocast():
                 _, tok = self.bb.encode_tokens(self.visual, x)  # (sumK, T, Wc)
             tok = tok.float().cpu().numpy()
@@ -113,4 +119,50 @@ class CropExtractor(Extractor):
                                   "crop_size": self.cfg.crop_size, "interpolation": "bicubic",
                                   "pos_embed": "open_clip resize_pos_embed (bicubic)",
                                   "mean": self.bb.mean, "std": self.bb.std},
+                "dims": self.dims()}
+
+
+class CropLayersExtractor(CropExtractor):
+    """``crop_layers/tokens`` (B, K, L, Pc, Wc): each crop's patch states at CLIP depths.
+
+    The same crops as ``crops`` (same boxes, resize and interpolated position
+    embedding), run through the frozen CLIP ViT with the hidden states of the depths
+    ``cfg.clip_layers`` kept (:meth:`ClipBackbone.encode_layers`). Each crop's own
+    class token is dropped (MGIPS-CL's visual sequence is one class embedding + the
+    3 x 16 patches, section 3.1.2), so Pc = T - 1 (16 at 128 px / patch 32).
+    """
+
+    group = "crop_layers"
+
+    def __init__(self, cfg: ExtractConfig, device: torch.device, backbone: ClipBackbone):
+        super().__init__(cfg, device, backbone)
+        self.layers = backbone.clip_layers(cfg)
+
+    @torch.inference_mode()
+    def __call__(self, images: list[torch.Tensor], boxes: np.ndarray, count: np.ndarray
+                 ) -> dict[str, np.ndarray]:
+        """Args as :meth:`CropExtractor.__call__`. Returns ``tokens`` (B, K, L, Pc, Wc)."""
+        k = self.cfg.num_crops
+        n = np.minimum(count, k).astype(np.int32)
+        out = np.zeros((len(images), k, len(self.layers), self.tokens - 1, self.bb.width), np.float32)
+        where, x = self._crops(images, boxes, n)
+        if x is not None:
+            with self.autocast():
+                hid = self.bb.encode_layers(self.visual, x, self.layers)  # (sumK, L, T, Wc)
+            hid = hid[:, :, 1:].float().cpu().numpy()
+            for (i, j), h in zip(where, hid, strict=True):
+                out[i, j] = h
+        return {"tokens": out}
+
+    def dims(self) -> dict[str, int]:
+        return {"K": self.cfg.num_crops, "Lc": len(self.layers), "Pc": self.tokens - 1,
+                "Wc": self.bb.width}
+
+    def attrs(self) -> dict[str, Any]:
+        base = super().attrs()
+        return {**base,
+                "preprocessing": {**base["preprocessing"], "clip_layers": list(self.layers),
+                                  "depth_0": "embeddings after ln_pre",
+                                  "depth_i": "output of block i, no ln_post",
+                                  "class_token": "dropped (patches only)"},
                 "dims": self.dims()}

@@ -87,7 +87,7 @@ def build_extractors(cfg: ExtractConfig, device: torch.device) -> dict[str, Any]
         WeightsError: Before loading anything heavy when a model's weights are unavailable.
     """
     from mner.extract.clip import ClipBackbone, ClipExtractor, ClipTextExtractor
-    from mner.extract.crops import CropExtractor
+    from mner.extract.crops import CropExtractor, CropLayersExtractor
     from mner.extract.objects import build_detector
     from mner.extract.resnet import ResNetExtractor
 
@@ -95,7 +95,7 @@ def build_extractors(cfg: ExtractConfig, device: torch.device) -> dict[str, Any]
     out: dict[str, Any] = {}
     if "resnet" in feats:
         out["resnet"] = ResNetExtractor(cfg, device)
-    if feats & {"clip", "clip_text", "crops"}:
+    if feats & {"clip", "clip_text", "crops", "crop_layers"}:
         bb = ClipBackbone(cfg, device)
         if "clip" in feats:
             out["clip"] = ClipExtractor(cfg, device, bb)
@@ -105,6 +105,8 @@ def build_extractors(cfg: ExtractConfig, device: torch.device) -> dict[str, Any]
         out["detector"] = build_detector(cfg, device)
     if "crops" in feats:
         out["crops"] = CropExtractor(cfg, device, bb)
+    if "crop_layers" in feats:
+        out["crop_layers"] = CropLayersExtractor(cfg, device, bb)
     if "ocr" in feats:
         from mner.extract.ocr import OcrExtractor
 
@@ -128,7 +130,7 @@ def group_specs(cfg: ExtractConfig, ex: dict[str, Any]) -> dict[str, tuple[dict,
     """``group -> (attrs, dims)`` for every requested image group."""
     out: dict[str, tuple[dict, dict]] = {}
     for g in cfg.features:
-        if g in ("resnet", "clip", "crops", "ocr", "caption"):
+        if g in ("resnet", "clip", "crops", "crop_layers", "ocr", "caption"):
             out[g] = (ex[g].attrs(), ex[g].dims())
         elif g == "tags":  # derived from the stored objects (mner.extract.tags)
             from mner.extract.tags import tags_attrs
@@ -161,7 +163,8 @@ def run_batch(ex: dict[str, Any], batch: dict[str, Any], need: dict[str, list[in
             out[g] = ex[g](batch[g][sel])
     if need.get("ocr"):
         out["ocr"] = ex["ocr"]([batch["raw"][ok_index[p]] for p in need["ocr"]])
-    det_pos = sorted({p for g in ("objects", "relations", "crops", "tags") for p in need.get(g, [])})
+    det_pos = sorted({p for g in ("objects", "relations", "crops", "crop_layers", "tags")
+                      for p in need.get(g, [])})
     if det_pos:
         raw = [batch["raw"][ok_index[p]] for p in det_pos]
         det = ex["detector"](raw)
@@ -174,9 +177,10 @@ def run_batch(ex: dict[str, Any], batch: dict[str, Any], need: dict[str, list[in
             mats = [relation_matrix(det["boxes"][at[p]], int(det["count"][at[p]]),
                                     tuple(batch["size"][p]), o) for p in need["relations"]]
             out["relations"] = {"labels": np.stack(mats)}
-        if need.get("crops"):
-            idx = [at[p] for p in need["crops"]]
-            out["crops"] = ex["crops"]([raw[i] for i in idx], det["boxes"][idx], det["count"][idx])
+        for g in ("crops", "crop_layers"):
+            if need.get(g):
+                idx = [at[p] for p in need[g]]
+                out[g] = ex[g]([raw[i] for i in idx], det["boxes"][idx], det["count"][idx])
         if need.get("tags"):  # new images (mner predict); a cache derives them from its objects
             from mner.extract.tags import derive_tags
 
@@ -625,7 +629,7 @@ def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
     if not pending:
         return [], 0
     transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip", "caption") if g in specs}
-    if any(g in specs for g in ("objects", "relations", "crops")):
+    if any(g in specs for g in ("objects", "relations", "crops", "crop_layers")):
         transforms["raw"] = ex["detector"].preprocess
     elif "ocr" in specs:  # the same decoded uint8 image
         transforms["raw"] = ex["ocr"].preprocess

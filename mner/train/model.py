@@ -25,7 +25,8 @@ def build_head(cfg, enc: nn.Module, feature_dims: dict) -> FusionHead:
     """The head ``cfg`` (a ``TrainConfig``) names, sized for the encoder ``enc``.
 
     Heads whose layers are BERT layers (``ffn_follows_encoder``) get the encoder's
-    intermediate size when their ``ffn_dim`` is None, as the papers' code builds them.
+    intermediate size when their ``ffn_dim`` is None, as the papers' code builds them;
+    heads with an ``encoder_layers`` option left None get the encoder's layer count.
     The encoder's pretrained pooler stays only when the head reads it
     (:meth:`FusionHead.adopt_encoder_pooler`, MAF's T_s); otherwise it is removed, so it
     is neither in the run's weights nor an unused parameter of the optimizer.
@@ -36,6 +37,9 @@ def build_head(cfg, enc: nn.Module, feature_dims: dict) -> FusionHead:
     inner = getattr(enc.config, "intermediate_size", None)
     if head_cls.ffn_follows_encoder and inner and head_cfg.ffn_dim is None:
         head_cfg = dataclasses.replace(head_cfg, ffn_dim=int(inner))
+    # Heads that fuse inside the encoder build one module per encoder layer.
+    if getattr(head_cfg, "encoder_layers", 0) is None:
+        head_cfg = dataclasses.replace(head_cfg, encoder_layers=int(enc.config.num_hidden_layers))
     head = head_cls(head_cfg, enc.config.hidden_size, feature_dims)
     if getattr(enc, "pooler", None) is not None and not head.adopt_encoder_pooler(enc):
         enc.pooler = None
@@ -78,8 +82,15 @@ class Tagger(nn.Module):
             ``(emissions, head_output)``: emissions (B, W, K) in float32, and what the
             head returned (aux losses, diagnostics).
         """
-        enc_out = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long())
-        enc = enc_out.last_hidden_state  # (B, T, Dt)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long()}
+        if getattr(self.head, "fuses_in_encoder", False):
+            # The head runs the encoder's layers itself (fusion inside them, MGIPS-CL).
+            enc_out = None
+            enc = self.head.encode(self.encoder, inputs, batch.visual, batch.visual_masks,
+                                   batch.image_mask)  # (B, T, Dt)
+        else:
+            enc_out = self.encoder(**inputs)
+            enc = enc_out.last_hidden_state  # (B, T, Dt)
         # HeadInput keeps the contract's masks (bool token_mask, an image_mask even for a
         # batch without images), so no head re-defaults them.
         out = self.head(
