@@ -136,11 +136,15 @@ class Predictor:
         run: the run folder ``mner train`` wrote.
         seed: which seed's model (default: the best on dev).
         device: ``auto``, ``cpu`` or ``cuda[:i]``; also where image features are computed.
+        context_file: for a run that reads a context file: the file to look posts up in
+            (by image id, or by post id as ``"key"``); default the run's own, unchanged.
     """
 
-    def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto"):
+    def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto",
+                 context_file: str | Path | None = None):
         self.loaded = load_run(Path(run), seed, device)
         self.device = device
+        self.context_file = context_file
         prov = (self.loaded.provenance.get("cache") or {}).get("provenance") or {}
         self._cache_provenance = prov
         stored = prov.get("extract_config") or {}
@@ -265,7 +269,9 @@ class Predictor:
                 for i, c in enumerate(checks)
             ]
             visual = VisualStore(arrays, lr.needs, ids)
-        ds = NerDataset(sentences, ids, lr.tokenizer, lr.cfg.max_length, None, None, visual)
+        contexts, budget = self._contexts(posts, checks)
+        ds = NerDataset(sentences, ids, lr.tokenizer, lr.cfg.max_length, None, None, visual,
+                        contexts=contexts, context_max_length=budget)
         tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
         out = []
         for words, offs, t, check in zip(sentences, offsets, tags, checks, strict=True):
@@ -277,6 +283,48 @@ class Predictor:
                 ents.append(ent)
             out.append(Prediction(ents, check))
         return out
+
+    def _contexts(self, posts: Sequence[Post], checks: Sequence[ImageCheck]) -> tuple[list[str] | None, int]:
+        """The context of each post for a run that reads one (None otherwise), and its budget.
+
+        The file source looks a post up by its image id (``image_id``, CoNLL ``IMGID``)
+        or by its id as ``"key"``; image-text sources are extracted from the post's image
+        like the visual features (:meth:`_context_strings`).
+        """
+        from types import SimpleNamespace
+
+        from mner.train.context import CACHE_SOURCES, context_budget, run_contexts
+
+        cfg = self.loaded.cfg
+        if not cfg.context or cfg.decode_view == "tweet":
+            return None, 0
+        items = [SimpleNamespace(image_id=p.id if p.image_ref == p.id else None) for p in posts]
+        found: list[dict[str, list[str]]] = [{} for _ in posts]
+        if any(s in CACHE_SOURCES for s in cfg.context):
+            found = self._context_strings([p.image if c.ok else None for p, c in zip(posts, checks, strict=True)])
+        contexts = run_contexts(
+            cfg, self.loaded.provenance, items, context_file=self.context_file, where=str(self.loaded.run),
+            keys=[p.id for p in posts], strings=lambda feature, i: found[i].get(feature, []),
+        )
+        return contexts, context_budget(cfg, self.loaded.model.encoder, self.loaded.tokenizer)
+
+    def _context_strings(self, image_paths: Sequence[Path | None]) -> list[dict[str, list[str]]]:
+        """The image-text features (tags, caption, ocr) of each image, extracted as the
+        run's cache was (None: no usable image, no strings)."""
+        from mner.extract import api
+        from mner.train.context import CACHE_SOURCES
+
+        wanted = [s for s in self.loaded.cfg.context if s in CACHE_SOURCES]
+        extract_strings = getattr(api, "extract_strings", None)
+        if extract_strings is None:
+            from mner.errors import ConfigError
+
+            raise ConfigError(
+                f"{self.loaded.run}: reads {', '.join(wanted)} of each image, which this mner cannot "
+                "extract at predict time; tag with the tweet view: -o decode_view=tweet at training, "
+                "or use `mner evaluate` on a cache made by `mner extract`"
+            )
+        return extract_strings(list(image_paths), self._cache_provenance, wanted, device=str(self.loaded.device))
 
     def _extract(self, image_paths: Sequence[Path | None]) -> _ArrayCache:
         """Run the run's extractors on the images (None: no image, ``image_ok`` False)."""

@@ -26,6 +26,9 @@ def train(
     profile: Annotated[str | None, typer.Option("--profile", help="paper or tiny")] = None,
     encoder: Annotated[str | None, typer.Option("--encoder", help="HF name or local folder of the encoder")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="comma-separated seeds, one run each, e.g. 1,2,3")] = None,
+    context_file: Annotated[
+        Path | None, typer.Option("--context-file", help="JSON lines {\"image_id\" or \"key\", \"context\"} read with each tweet")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --out")] = False,
     params: ParamsOpt = None,
@@ -44,7 +47,8 @@ def train(
         TrainConfig,
         "train",
         params=params,
-        flags={"model": model, "profile": profile, "encoder": encoder, "seeds": seeds},
+        flags={"model": model, "profile": profile, "encoder": encoder, "seeds": seeds,
+               "context_file": None if context_file is None else str(context_file)},
         overrides=overrides(override, override_alias),
         route=route_head_options,
     )
@@ -67,11 +71,15 @@ def evaluate(
     pred: Annotated[Path | None, typer.Option("--pred", help="also write the predictions (BIO2 CoNLL)")] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the scores as JSON")] = False,
+    context_file: Annotated[
+        Path | None, typer.Option("--context-file", help="context file (default: the run's, unchanged)")
+    ] = None,
 ) -> None:
     """Score a trained run on a CoNLL file (overall, per type, image-dependent subset)."""
     from mner.train.evaluation import evaluate_run
 
-    r = evaluate_run(run, data, seed=seed, features=features, device=device, pred_out=pred)
+    r = evaluate_run(run, data, seed=seed, features=features, device=device, pred_out=pred,
+                     context_file=context_file)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -104,6 +112,9 @@ def predict(
         bool,
         typer.Option("--strict-images", help="stop, before tagging anything, if any named image is not ok"),
     ] = False,
+    context_file: Annotated[
+        Path | None, typer.Option("--context-file", help="context file, by image id or post id (default: the run's)")
+    ] = None,
 ) -> None:
     """Print the entities (type, word span, characters) of new tweets.
 
@@ -133,7 +144,7 @@ def predict(
         if images is None and (input_file.parent / "images").is_dir():
             images = input_file.parent / "images"
         posts, problems = read_posts(input_file, images)
-    predictor = Predictor(run, seed=seed, device=device) if posts else None
+    predictor = Predictor(run, seed=seed, device=device, context_file=context_file) if posts else None
     checks, warnings = predictor.check_posts(posts, strict=strict_images) if predictor else ([], [])
     for line in warnings:
         typer.echo(line, err=True)

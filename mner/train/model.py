@@ -6,6 +6,16 @@ word (continuation sub-tokens carry none), so a sub-token CRF would have to lear
 transitions across unlabeled positions and its decoding could disagree within a word;
 at word level each transition is between two consecutive labeled words, exactly the
 BIO/BIOES constraint the CRF is there to learn, and Viterbi gives one tag per word.
+
+With context (see :mod:`mner.train.data`) the encoder reads the pair ``tweet +
+context``, and the head receives the encoder's states of the tweet part only (the first
+``tweet_len`` positions, laid out exactly as a window without context: [CLS], the
+tweet's sub-tokens, [SEP], padding), so every head works unchanged and the CRF covers
+the tweet's words only. The *tweet view* is the same tagger reading the tweet part
+alone. ITA's cross-view alignment (Wang et al., NAACL 2022, Sec. "Cross-View
+Alignment") trains both views and adds ``KL(q_context || q_tweet)`` summed over the
+words, where ``q`` are the CRF's posterior marginals per word (forward-backward) and the
+context view is the teacher (no gradient flows into it through the KL).
 """
 
 from __future__ import annotations
@@ -45,8 +55,15 @@ class Tagger(nn.Module):
         dropout: dropout on the head's output before the emission layer.
     """
 
-    def __init__(self, encoder: nn.Module, head: FusionHead, tag_names, dropout: float):
+    def __init__(
+        self, encoder: nn.Module, head: FusionHead, tag_names, dropout: float, *,
+        cross_view_weight: float = 0.0, decode_view: str = "context",
+    ):
         super().__init__()
+        #: Weight of ITA's cross-view KL (0: the tweet view is not trained).
+        self.cross_view_weight = float(cross_view_weight)
+        #: The view :meth:`decode` reads: ``context`` or ``tweet``.
+        self.decode_view = decode_view
         self.encoder = encoder
         self.head = head
         self.tag_names = tuple(tag_names)
@@ -54,26 +71,63 @@ class Tagger(nn.Module):
         self.emissions = nn.Linear(head.out_dim, len(self.tag_names))
         self.crf = CRF(len(self.tag_names), batch_first=True)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, HeadOutput]:
+    def encode(self, batch: Batch, view: str = "context") -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states of the tweet part of each window, for the head.
+
+        Args:
+            batch: the batch.
+            view: ``context`` reads the whole input (tweet + context, if any);
+                ``tweet`` reads the tweet part alone.
+
+        Returns:
+            ``(hidden, token_mask)``: (B, Tt, Dt) states and (B, Tt) bool mask of the
+            tweet part, laid out as a window without context ([CLS] tweet [SEP]).
+        """
+        T = batch.input_ids.shape[1]
+        if batch.tweet_len is None:
+            tweet_mask, Tt = batch.attention_mask, T
+        else:
+            Tt = int(batch.tweet_len.max())
+            pos = torch.arange(Tt, device=batch.input_ids.device)
+            tweet_mask = pos.unsqueeze(0) < batch.tweet_len.unsqueeze(1)  # (B, Tt)
+        if Tt == T and batch.token_type_ids is None:
+            view = "tweet"  # no window reads a context: both views are the plain model
+        if view == "tweet":
+            pad = int(getattr(self.encoder.config, "pad_token_id", None) or 0)
+            ids = batch.input_ids[:, :Tt].masked_fill(~tweet_mask, pad)
+            enc = self.encoder(input_ids=ids, attention_mask=tweet_mask.long()).last_hidden_state
+            return enc, tweet_mask
+        extra = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+        enc = self.encoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), **extra
+        ).last_hidden_state  # (B, T, Dt)
+        return enc[:, :Tt], tweet_mask
+
+    def forward(self, batch: Batch, view: str = "context") -> tuple[torch.Tensor, HeadOutput]:
         """Emission scores per word.
+
+        Args:
+            batch: the batch.
+            view: ``context`` (the input as built, with its context if any) or
+                ``tweet`` (the tweet part alone); see :meth:`encode`.
 
         Returns:
             ``(emissions, head_output)``: emissions (B, W, K) in float32, and what the
             head returned (aux losses, diagnostics).
         """
-        enc = self.encoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask.long()
-        ).last_hidden_state  # (B, T, Dt)
+        enc, token_mask = self.encode(batch, view)  # (B, Tt, Dt)
+        Tt = enc.shape[1]
+        labels = batch.sub_labels[:, :Tt] if batch.sub_labels is not None else None
         # HeadInput keeps the contract's masks (bool token_mask, an image_mask even for a
         # batch without images), so no head re-defaults them.
         out = self.head(
             HeadInput(
                 hidden=enc,
-                token_mask=batch.attention_mask,
+                token_mask=token_mask,
                 visual=batch.visual,
                 visual_masks=batch.visual_masks,
                 image_mask=batch.image_mask,
-                labels=batch.sub_labels,
+                labels=labels,
                 label_names=self.tag_names,
                 entity_spans=batch.entity_spans,
                 entity_mask=batch.entity_mask,
@@ -104,14 +158,81 @@ class Tagger(nn.Module):
         for name, value in out.aux_losses.items():
             total = total + value.float()
             parts[name] = float(value.detach())
+        if self.cross_view_weight > 0 and self.reads_context(batch):
+            # ITA: the tweet view is trained too (its own CRF NLL), and pulled towards the
+            # context view's per-word marginals, which act as a fixed teacher.
+            em_tweet, _ = self(batch, view="tweet")
+            nll_tweet = -self.crf(em_tweet, batch.word_tags, mask=batch.word_mask, reduction="mean")
+            kl = cross_view_kl(self.crf, emissions.detach(), em_tweet, batch.word_mask)
+            total = total + nll_tweet + self.cross_view_weight * kl
+            parts["crf_tweet"] = float(nll_tweet.detach())
+            parts["cross_view_kl"] = float(kl.detach())
         return total, parts
+
+    @staticmethod
+    def reads_context(batch: Batch) -> bool:
+        """True when some window of the batch reads a context."""
+        if batch.tweet_len is None:
+            return False
+        return batch.token_type_ids is not None or int(batch.tweet_len.max()) < batch.input_ids.shape[1]
 
     @torch.no_grad()
     def decode(self, batch: Batch) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        """Viterbi tag ids per window (one per word) and the head's diagnostics (B,)."""
-        emissions, out = self(batch)
+        """Viterbi tag ids per window (one per word) and the head's diagnostics (B,).
+
+        The view decoded is :attr:`decode_view` (``context`` unless set otherwise).
+        """
+        emissions, out = self(batch, view=self.decode_view)
         paths = self.crf.decode(emissions, mask=batch.word_mask)
         return paths, {k: v.detach().float().cpu() for k, v in out.diagnostics.items()}
+
+
+def crf_log_marginals(crf: CRF, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log posterior marginals ``log p(y_i = k | x)`` of a linear-chain CRF (forward-backward).
+
+    Args:
+        crf: a ``torchcrf.CRF`` (batch_first): start, end and transition scores.
+        emissions: (B, W, K) float scores.
+        mask: (B, W) bool, True for real words; each row a prefix (position 0 real).
+
+    Returns:
+        (B, W, K) log marginals; rows at masked positions are meaningless (mask them).
+    """
+    B, W, K = emissions.shape
+    em = emissions.float()
+    mask = mask.bool()
+    trans = crf.transitions.float()  # (K, K): from i to j
+    alpha = [crf.start_transitions.float() + em[:, 0]]  # (B, K) each
+    for t in range(1, W):
+        nxt = torch.logsumexp(alpha[-1].unsqueeze(2) + trans.unsqueeze(0), dim=1) + em[:, t]
+        alpha.append(torch.where(mask[:, t].unsqueeze(1), nxt, alpha[-1]))
+    end = crf.end_transitions.float().expand(B, K)
+    beta = [end] * W
+    for t in range(W - 2, -1, -1):
+        nxt = torch.logsumexp(trans.unsqueeze(0) + (em[:, t + 1] + beta[t + 1]).unsqueeze(1), dim=2)
+        # Position t is a row's last word when t + 1 is padding: beta is the end score.
+        beta[t] = torch.where(mask[:, t + 1].unsqueeze(1), nxt, end)
+    scores = torch.stack(alpha, 1) + torch.stack(beta, 1)  # (B, W, K), each = log Z + log p
+    return torch.log_softmax(scores, dim=-1)
+
+
+def cross_view_kl(crf: CRF, teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ITA's cross-view alignment: ``sum_i KL(q_teacher(y_i) || q_student(y_i))``, batch mean.
+
+    Args:
+        crf: the tagger's CRF.
+        teacher: (B, W, K) emissions of the tweet+context view (detached by the caller).
+        student: (B, W, K) emissions of the tweet-only view.
+        mask: (B, W) bool word mask.
+
+    Returns:
+        A scalar: the KL summed over each window's words, averaged over the batch (the
+        reduction of the CRF negative log-likelihood it is added to).
+    """
+    log_t = crf_log_marginals(crf, teacher, mask).detach()
+    log_s = crf_log_marginals(crf, student, mask)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, W)
+    return (kl * mask.float()).sum() / mask.shape[0]
 
 
 def param_groups(model: Tagger, lr_encoder: float, lr_head: float, weight_decay: float):

@@ -56,6 +56,7 @@ from mner.locks import locked
 from mner.provenance import mner_version, sha256_file
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
+from mner.train.context import context_budget, split_contexts
 from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
 from mner.train.evaluation import group_diagnostics, marked_for, predict_words, score_split
 from mner.train.model import Tagger, param_groups
@@ -129,12 +130,19 @@ def open_cache(cfg: TrainConfig, features: Path | None):
             dataset, or it was extracted with another profile.
     """
     from mner.cache.reader import FeatureCache
+    from mner.train.context import CACHE_SOURCES, check_cache_sources
 
     head_cls = cfg.head_class()
     needs = tuple(head_cls.required_features(cfg.head_config()))
     teacher = bool(head_cls.needs_text_teacher)
+    context_needs = [s for s in cfg.context if s in CACHE_SOURCES]
     if not needs and not teacher:
-        return None, needs
+        if not context_needs:
+            return None, needs
+        # A text-only head reading image text: the cache serves the context strings only.
+        cache = FeatureCache(features) if features is not None else None
+        check_cache_sources(cache, cfg.context)
+        return cache, needs
     if features is None:
         what = ", ".join(needs) if needs else "clip_text"
         raise CacheError(
@@ -143,6 +151,7 @@ def open_cache(cfg: TrainConfig, features: Path | None):
         )
     cache = FeatureCache(features)
     cache.require(list(needs) + (["clip_text/sentence"] if teacher else []), expect={"profile": cfg.profile})
+    check_cache_sources(cache, cfg.context)
     return cache, needs
 
 
@@ -201,7 +210,7 @@ class _Split:
         self.name, self.tweets, self.dataset = name, tweets, dataset
 
 
-def _datasets(cfg, splits, tokenizer, tagset, cache, needs) -> dict[str, _Split]:
+def _datasets(cfg, splits, tokenizer, tagset, cache, needs, contexts=None, budget=0) -> dict[str, _Split]:
     teacher_on = cache is not None and cfg.head_class().needs_text_teacher
     out = {}
     for name in ("train", "valid", "test"):
@@ -213,7 +222,7 @@ def _datasets(cfg, splits, tokenizer, tagset, cache, needs) -> dict[str, _Split]
         teacher = cache.load_text([t.key for t in tweets]) if teacher_on and name == "train" else None
         ds = NerDataset(
             [t.tokens for t in tweets], ids, tokenizer, cfg.max_length, tagset,
-            [t.labels for t in tweets], visual, teacher,
+            [t.labels for t in tweets], visual, teacher, (contexts or {}).get(name), budget,
         )
         out[name] = _Split(name, tweets, ds)
     return out
@@ -474,6 +483,8 @@ class RunContext:
     device: torch.device
     precision: str
     resume: bool
+    #: split -> one context text per tweet (empty without ``train.context``).
+    contexts: dict = field(default_factory=dict)
 
 
 def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: bool) -> dict:
@@ -486,6 +497,7 @@ def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: b
         if not splits.get(need):
             raise DataError(f"{data}: no {need} split (train.txt and valid.txt or dev.txt are needed)")
     cache, needs = open_cache(cfg, features)
+    contexts, context_record = split_contexts(cfg, splits, cache)
     data_dir = Path(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else Path(splits["train"][0].source).parent
     coverage = None
     if cache is not None and needs:
@@ -496,8 +508,8 @@ def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: b
         with locked(folder.root, folder=True, what="run folder"):
             precision = run_precision(cfg, device, folder, resume)
             _prepare_out(cfg, folder, resume, overwrite)
-            _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage)
-            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume)
+            _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage, context_record)
+            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume, contexts)
             runs = [train_seed(ctx, seed) for seed in cfg.seeds]
             summary = summarize(cfg, runs)
             folder.write_metrics(summary)
@@ -547,7 +559,7 @@ def _prepare_out(cfg: TrainConfig, folder: RunFolder, resume: bool, overwrite: b
 
 
 def _write_provenance(cfg, folder: RunFolder, splits, data_dir: Path, cache, needs, precision: str,
-                      coverage: dict | None) -> None:
+                      coverage: dict | None, context: dict | None = None) -> None:
     files = sorted({t.source for tweets in splits.values() for t in tweets[:1]})
     prov = {
         "dataset": {
@@ -571,6 +583,10 @@ def _write_provenance(cfg, folder: RunFolder, splits, data_dir: Path, cache, nee
     if coverage is not None:
         # Per split: tweets, and how many found an ok image row in the cache.
         prov["cache_coverage"] = coverage
+    if context is not None:
+        # Sources, empty contexts per split, and the context file's sha256 (evaluate and
+        # predict check it).
+        prov["context"] = context
     folder.write_provenance(prov)
 
 
@@ -645,7 +661,11 @@ def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
     if continued:
         enc, tokenizer = encoders.load_saved(paths.encoder)
     elif cfg.is_tiny_encoder:
-        enc, tokenizer = encoders.build_tiny([t.tokens for t in ctx.splits["train"]], seed, cfg.max_length)
+        # With context, the tiny vocabulary also learns the train contexts' words (an
+        # empty context adds nothing, so the plain model is unchanged).
+        texts = [t.tokens for t in ctx.splits["train"]] + [c.split() for c in ctx.contexts.get("train", []) if c]
+        positions = cfg.max_length + (cfg.context_max_length + 8 if cfg.context else 0)
+        enc, tokenizer = encoders.build_tiny(texts, seed, positions)
     else:
         enc, tokenizer = encoders.load_pretrained(cfg.encoder)
     encoders.save(enc, tokenizer, paths.encoder)
@@ -654,7 +674,8 @@ def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
     tagset.save(paths.labels)
 
     model = build_model(cfg, seed, enc, tagset, feature_dims(cfg, ctx.cache, ctx.needs)).to(ctx.device)
-    sets = _datasets(cfg, ctx.splits, tokenizer, tagset, ctx.cache, ctx.needs)
+    sets = _datasets(cfg, ctx.splits, tokenizer, tagset, ctx.cache, ctx.needs, ctx.contexts,
+                     context_budget(cfg, enc, tokenizer))
 
     total_steps = math.ceil(len(sets["train"].dataset) / cfg.batch_size) * cfg.epochs
     optimizer = make_optimizer(model, cfg)
