@@ -125,7 +125,8 @@ def test_sample_command(tmp_path):
     res = invoke("sample", "--out", out, "--size", "small", "--params", params, "-o", "n_valid=11")
     assert res.exit_code == 0, res.output
     # defaults < params.yaml < CLI flags (--size) < -o
-    assert "train 120, valid 11, test 40 tweets" in res.output and "(seed 4)" in res.output
+    assert "train 120, valid 11, test 40 tweets (+ 18, 2, 6 OCR-dependent)" in res.output
+    assert "(seed 4)" in res.output
     cfg = json.loads((out / "sample.json").read_text(encoding="utf-8"))["config"]
     assert (cfg["seed"], cfg["n_train"], cfg["n_valid"], cfg["n_test"]) == (4, 120, 11, 40)
     res = invoke("sample", "--out", out, "--params", params)

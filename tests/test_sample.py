@@ -14,10 +14,22 @@ from PIL import Image
 from mner.config import build
 from mner.data.dataset import load_splits, read_image_dependent
 from mner.data.images import ImageStatus, check_image, find_image
-from mner.data.sample import AMBIGUOUS_NAMES, NEUTRAL, SampleConfig, generate, read_image_kinds
+from mner.data.sample import (
+    AMBIGUOUS_NAMES,
+    AMBIGUOUS_TEMPLATES,
+    KNOWLEDGE,
+    NEUTRAL,
+    NEUTRAL_KNOWLEDGE,
+    SIGN,
+    SampleConfig,
+    generate,
+    read_image_kinds,
+)
+from mner.data.sample import SIZES as SAMPLE_PRESETS
 from mner.errors import ConfigError, DataError
 
 SIZES = {"train": 300, "valid": 80, "test": 80}  # tests/conftest.py
+SIZES_PRESETS = {"default": SAMPLE_PRESETS["default"], "small": SAMPLE_PRESETS["small"]}
 
 
 def tree_digest(root) -> dict[str, str]:
@@ -33,7 +45,8 @@ def test_deterministic_byte_identical(tmp_path):
     a = tree_digest(generate(cfg, tmp_path / "a"))
     b = tree_digest(generate(cfg, tmp_path / "b"))
     assert a == b
-    assert len([k for k in a if k.startswith("images/")]) == 54 - 3 * cfg.n_missing
+    n_ocr = sum(cfg.ocr_sizes().values())
+    assert n_ocr == 8 and len([k for k in a if k.startswith("images/")]) == 54 + n_ocr - 3 * cfg.n_missing
     c = tree_digest(
         generate(SampleConfig(seed=6, n_train=30, n_valid=12, n_test=12), tmp_path / "c")
     )
@@ -199,6 +212,8 @@ def test_config_validation():
         build(SampleConfig, {"n_train": -1}, where="sample")
     with pytest.raises(ConfigError, match="image_dependent_share must be between 0 and 1"):
         build(SampleConfig, {"image_dependent_share": 1.5}, where="sample")
+    with pytest.raises(ConfigError, match="ocr_dependent_share must be between 0 and 1"):
+        build(SampleConfig, {"ocr_dependent_share": -0.1}, where="sample")
     with pytest.raises(ConfigError, match="min_image_size"):
         build(SampleConfig, {"image_size": 64, "min_image_size": 96}, where="sample")
     with pytest.raises(ConfigError, match="unknown key n_dev"):
@@ -210,3 +225,93 @@ def test_too_many_broken_images_for_a_split(tmp_path):
     with pytest.raises(ConfigError, match="n_missing \\+ n_corrupt = 6"):
         generate(cfg, tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
+
+
+# What mner wrote before the OCR-dependent tweets existed, for SampleConfig() (seed 0,
+# default settings) and the --size small preset: (length, sha256) of each file's old
+# content, and (count, sha256) over the old images ("images/<id>.jpg <sha256>" lines,
+# sorted by name). The new tweets are appended after these bytes; nothing before them
+# may change.
+OLD_SAMPLES = {
+    "default": ({}, {
+        "train.txt": (66095, "8c6e3e5f84b71c28af70a0bed74fbe1efe08509493661758705674e420b56c32"),
+        "valid.txt": (16691, "618ca82c65365bfbf8a36ce6fe3a33517fc9080cabb68f0ad3cf496d4656e134"),
+        "test.txt": (16505, "7615914a261dc16afe56802ea25afebf49e8a529242a84e089c04ed25031464a"),
+        "image_dependent.tsv": (7907, "49c021eb2fd271e89bcf67c6813dd88634ae484f0b00dd729ea6c96071eab11a"),
+        "image_kinds.tsv": (23639, "1faf182734284167a441bd49bdf1297ad59b3f301ad023ff70e38cb0824d298c"),
+    }, (894, "fb459db578b49f2e38dade1ffcbb52fb1bdb4b904186edd2885ec2530901445a"), (90, 22, 22)),
+    "small": ({"n_train": 120, "n_valid": 40, "n_test": 40}, {
+        "train.txt": (13049, "eebcc018c568e0b9157dddc45b8a635b52c87446c58bc3272128a562455fd2d5"),
+        "valid.txt": (4271, "f1b17e71726e2bda86b61c002d65c40adaf2d59427aa645cb806672576dde028"),
+        "test.txt": (4312, "56e70eb2137510be3943747db2daa63006c23ec2e90f12988c4476552f96d0bf"),
+        "image_dependent.tsv": (1732, "71b9d19e75e8008700b5c47b1f2c522a822f1d1dadf64b1720348a79966a8e52"),
+        "image_kinds.tsv": (5220, "442e34b242eec95f4aa28d06cab2c5cfba959a373fd5a4b68d84942947c900d0"),
+    }, (194, "639ea188914323ee3249aedab47b03528ad2d70a2795b484f77df50218cfa5dc"), (18, 6, 6)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["small", pytest.param("default", marks=pytest.mark.slow)])
+def test_old_sample_is_unchanged_by_the_ocr_tweets(tmp_path, which):
+    settings, text, images, n_ocr = OLD_SAMPLES[which]
+    assert SIZES_PRESETS[which] == settings  # the presets the digests were recorded with
+    out = generate(SampleConfig(**settings), tmp_path / "s")
+    for name, (n, digest) in text.items():
+        data = (out / name).read_bytes()
+        assert hashlib.sha256(data[:n]).hexdigest() == digest, name
+        # appended after the old bytes; the image-dependent list itself is unchanged
+        assert len(data) == n if name == "image_dependent.tsv" else len(data) > n, name
+    old_rows = (out / "image_kinds.tsv").read_bytes()[: text["image_kinds.tsv"][0]]
+    old_ids = [r.split("\t")[2] for r in old_rows.decode().splitlines()[1:]]
+    files = [f"images/{i}.jpg" for i in old_ids if (out / "images" / f"{i}.jpg").is_file()]
+    lines = "".join(f"{f} {hashlib.sha256((out / f).read_bytes()).hexdigest()}\n" for f in sorted(files))
+    assert (len(files), hashlib.sha256(lines.encode()).hexdigest()) == images
+    counts = json.loads((out / "sample.json").read_text(encoding="utf-8"))["counts"]
+    assert tuple(c["ocr_dependent"] for c in counts.values()) == n_ocr
+
+
+def test_ocr_dependent_tweets_are_typed_only_by_their_sign(ocr_sample_dir):
+    splits = load_splits(ocr_sample_dir)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 150, "valid": 50, "test": 50}
+    marks = read_image_dependent(ocr_sample_dir / "ocr_dependent.tsv", splits)  # checks the spans
+    assert len(marks) == 50 and not set(marks) & set(read_image_dependent(ocr_sample_dir))
+    kinds = read_image_kinds(ocr_sample_dir)
+    base = {"train": 120, "valid": 40, "test": 40}
+    types = Counter()
+    templates = {tuple(t.split()) for t in AMBIGUOUS_TEMPLATES}
+    for (split, i), [(s, e, typ)] in marks.items():
+        tw = splits[split][i]
+        assert i >= base[split]  # appended after the split's other tweets
+        assert tw.entities == [(typ, s, e)] and tw.tokens[s] in AMBIGUOUS_NAMES and e == s + 1
+        toks = tw.tokens[:s] + ("{E}",) + tw.tokens[e:]
+        assert any(toks[k: k + len(t)] == t for t in templates for k in range(len(toks))), toks
+        assert kinds[tw.image_id] == (SIGN, "ok")
+        with Image.open(find_image(ocr_sample_dir / "images", tw.image_id)) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.float64)
+            assert im.size[0] == 224  # drawn at the largest size, legible
+        # grey around a light board: the colours do not tell the type
+        assert np.abs(arr.mean((0, 1)) - arr.mean()).max() < 12
+        types[typ] += 1
+    assert set(types) == {"PER", "LOC", "ORG", "MISC"} and min(types.values()) >= 8
+    assert all(i < base[s] for (s, i) in read_image_dependent(ocr_sample_dir))
+
+
+def test_knowledge_file_states_the_type_of_dependent_entities_only(ocr_sample_dir):
+    splits = load_splits(ocr_sample_dir)
+    lines = (ocr_sample_dir / "knowledge.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(x) for x in lines]
+    tweets = [t for s in ("train", "valid", "test") for t in splits[s]]
+    assert [r["image_id"] for r in rows] == [t.image_id for t in tweets]
+    assert all(set(r) == {"image_id", "context"} and r["context"] for r in rows)
+    marks = {**read_image_dependent(ocr_sample_dir), **read_image_dependent(ocr_sample_dir / "ocr_dependent.tsv")}
+    index = {t.image_id: (s, i) for s in splits for i, t in enumerate(splits[s])}
+    typed = 0
+    for r, tw in zip(rows, tweets, strict=True):
+        key = index[tw.image_id]
+        if key in marks:
+            [(s, e, typ)] = marks[key]
+            name = " ".join(tw.tokens[s:e])
+            assert r["context"] in {k.replace("{E}", name) for k in KNOWLEDGE[typ]}, r
+            typed += 1
+        else:
+            assert r["context"] in NEUTRAL_KNOWLEDGE
+    assert typed == len(marks) == 40 + 13 + 13 + 50

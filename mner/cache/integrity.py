@@ -84,7 +84,7 @@ def checksum(ds: h5py.Dataset) -> str:
     for i in range(0, max(ds.shape[0], 1) if ds.ndim else 1, BLOCK_ROWS):
         block = ds[i: i + BLOCK_ROWS] if ds.ndim else ds[()]
         if ds.dtype.kind == "O":
-            for s in np.atleast_1d(block):
+            for s in np.atleast_1d(block).ravel():  # row-major, one string per line
                 h.update((s.decode() if isinstance(s, bytes) else str(s)).encode() + b"\n")
         else:
             h.update(np.ascontiguousarray(block).tobytes())

@@ -56,6 +56,7 @@ class FeatureCache:
         self._row = {k: i for i, k in enumerate(ids)}
         self._status = np.array(status, dtype=object)
         self._text_row: dict[str, int] | None = None
+        self._strings: dict[str, list[list[str]]] = {}
 
     @property
     def h5(self) -> h5py.File:
@@ -152,12 +153,95 @@ class FeatureCache:
                     "re-extract with matching settings or change the run's settings"
                 )
 
+    def has_feature(self, name: str) -> bool:
+        """Whether the cache holds feature group ``name`` (``"ocr"``) or dataset ``name``
+        (``"ocr/text"``)."""
+        if "/" in name:
+            return name in self.datasets
+        return name in schema.GROUPS and name in self.h5
+
     # -- rows -----------------------------------------------------------------------------
 
     def status_of(self, image_ids: Sequence[str]) -> list[str]:
         """Load status per id (``"missing"`` for ids not in the cache)."""
         return [str(self._status[self._row[i]]) if i in self._row else "missing"
                 for i in image_ids]
+
+    def status(self, image_id: str) -> str:
+        """Load status of one image: ``ok``, ``missing``, ``truncated``, ... (see
+        :class:`mner.data.images.ImageStatus`); ``missing`` for an id not in the cache."""
+        return self.status_of([image_id])[0]
+
+    # -- text read from images ----------------------------------------------------------------
+
+    def strings(self, feature: str, image_id: str) -> list[str]:
+        """The text a string feature holds for one image.
+
+        Args:
+            feature: ``tags`` (distinct object label names, best score first), ``ocr``
+                (recognised strings in reading order: lines top to bottom, left to right
+                within a line) or ``caption`` (``[caption]``).
+            image_id: The image.
+
+        Returns:
+            The strings; ``[]`` when the image holds none, did not load (its
+            :meth:`status` is not ``ok``) or is not in the cache.
+
+        Raises:
+            CacheError: One line with the remedy when the cache lacks ``feature``.
+            ValueError: ``feature`` is not a string feature.
+        """
+        return self.strings_of(feature, [image_id])[0]
+
+    def strings_of(self, feature: str, image_ids: Sequence[str]) -> list[list[str]]:
+        """:meth:`strings` for many images (one list per id, in order)."""
+        rows = self._string_rows(feature)
+        return [list(rows[self._row[i]]) if i in self._row else [] for i in image_ids]
+
+    def ocr_boxes(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes and confidences of the OCR strings of one image (same order as
+        ``strings("ocr", image_id)``).
+
+        Returns:
+            ``(boxes, scores)``: (L, 4, 2) float32 quadrilaterals, four ``(x, y)`` corners
+            in pixels of the original image (clockwise from the top-left, as the detector
+            returns them), and (L,) float32 recognition confidences in [0, 1]; L = 0 for
+            an image without text, that did not load or is not in the cache.
+
+        Raises:
+            CacheError: The cache has no ``ocr`` feature.
+        """
+        self.require(["ocr/boxes", "ocr/scores", "ocr/count"])
+        r = self._row.get(image_id, -1)
+        if r < 0 or self._status[r] != "ok":
+            return np.zeros((0, 4, 2), np.float32), np.zeros((0,), np.float32)
+        g = self.h5["ocr"]
+        n = int(_read_rows(g["count"], np.array([r]))[0])
+        boxes = _read_rows(g["boxes"], np.array([r]))[0, :n]
+        scores = _read_rows(g["scores"], np.array([r]))[0, :n]
+        return boxes.astype(np.float32), scores.astype(np.float32)
+
+    def _string_rows(self, feature: str) -> list[list[str]]:
+        """Every row of a string feature, read once per reader (these columns are small)."""
+        if feature not in schema.STRING_GROUPS:
+            raise ValueError(f"unknown string feature {feature!r}; choose from "
+                             f"{', '.join(schema.STRING_GROUPS)}")
+        if feature not in self._strings:
+            name = f"{feature}/{schema.STRING_DATASETS[feature]}"
+            counted = f"{feature}/count" in {f"{feature}/{s.name}" for s in schema.GROUPS[feature]}
+            self.require([name] + ([f"{feature}/count"] if counted else []))
+            n = len(self.image_ids)
+            ds = self.h5[name]
+            text = _read_rows(ds, np.arange(n)) if n else np.zeros((0,) + ds.shape[1:], object)
+            text = np.vectorize(_text, otypes=[object])(text) if text.size else text
+            ok = self._status == "ok"
+            if counted:
+                count = _read_rows(self.h5[f"{feature}/count"], np.arange(n)) if n else []
+                rows = [list(text[r, : int(count[r])]) if ok[r] else [] for r in range(n)]
+            else:
+                rows = [[text[r]] if ok[r] and text[r] else [] for r in range(n)]
+            self._strings[feature] = rows
+        return self._strings[feature]
 
     def load(self, names: Sequence[str], image_ids: Sequence[str]
              ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
@@ -296,6 +380,11 @@ def statuses_of(path: str | Path) -> dict[str, str]:
         return dict(zip(cache.image_ids, cache.status_of(cache.image_ids), strict=True))
     finally:
         cache.close()
+
+
+def _text(value: bytes | str) -> str:
+    """A stored variable-length string as ``str`` (h5py returns UTF-8 bytes)."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

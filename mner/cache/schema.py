@@ -12,8 +12,14 @@ Layout (N images, S sentences; see docs/ARCHITECTURE.md for the table)::
 Shape templates name their symbolic dimensions with letters: ``N`` rows, ``Dr`` ResNet
 channels, ``Dc`` CLIP embedding, ``Wc`` CLIP width, ``P1`` patch tokens + class token,
 ``O`` objects, ``O1`` objects + 1, ``Do`` region feature, ``K`` crops, ``T`` crop tokens,
-``E`` max entities per sentence. Per-row tensors are chunked one row per chunk, so
-reading one image touches one chunk per dataset.
+``L`` OCR strings, ``E`` max entities per sentence. Per-row tensors are chunked one row
+per chunk, so reading one image touches one chunk per dataset.
+
+Text read from images (``tags``, ``ocr``, ``caption``) is stored as variable-length
+UTF-8 strings (:data:`STR_DTYPE`): fixed slots per image (``O`` tags, ``L`` OCR strings)
+padded with ``""`` behind a ``count``, like the objects. HDF5 allows no filters on
+variable-length data, so these datasets carry no fletcher32 chunk checksum; the content
+checksums recorded at completion (``mner inspect --verify``) cover them.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class DatasetSpec:
 
 
 F16, F32, I32, I8, BOOL = (np.dtype(t) for t in ("float16", "float32", "int32", "int8", "bool"))
+STR = STR_DTYPE
 
 #: Feature groups keyed by name, in extraction order. ``clip_text`` rows are sentences
 #: (keyed by ``Tweet.key``), every other group's rows are images (aligned with image_ids).
@@ -84,6 +91,20 @@ GROUPS: dict[str, tuple[DatasetSpec, ...]] = {
         DatasetSpec("boxes", F32, ("N", "K", 4), "crop boxes, xyxy pixels"),
         DatasetSpec("count", I32, ("N",), "valid crops per image"),
     ),
+    "tags": (
+        DatasetSpec("names", STR, ("N", "O"), "distinct object labels, best score first"),
+        DatasetSpec("scores", F32, ("N", "O"), "best detection score of each label"),
+        DatasetSpec("count", I32, ("N",), "valid tags per image"),
+    ),
+    "ocr": (
+        DatasetSpec("text", STR, ("N", "L"), "recognised strings in reading order"),
+        DatasetSpec("boxes", F32, ("N", "L", 4, 2), "text quadrilaterals, 4 (x, y) points in pixels"),
+        DatasetSpec("scores", F32, ("N", "L"), "recognition confidence"),
+        DatasetSpec("count", I32, ("N",), "valid strings per image"),
+    ),
+    "caption": (
+        DatasetSpec("text", STR, ("N",), "generated caption (empty when none)"),
+    ),
     "clip_text": (
         DatasetSpec("sentence", F16, ("S", "Dc"), "projected text embedding of the sentence"),
         DatasetSpec("entities", F16, ("S", "E", "Dc"), "gold entity spans, entities() order"),
@@ -93,6 +114,16 @@ GROUPS: dict[str, tuple[DatasetSpec, ...]] = {
 
 #: Feature names accepted by ``--features``, in the order they are computed.
 FEATURES: tuple[str, ...] = tuple(GROUPS)
+
+#: Features extracted when ``--features`` is not given (the visual inputs of the heads);
+#: the text-from-image features are asked for by name.
+DEFAULT_FEATURES: tuple[str, ...] = ("resnet", "clip", "objects", "relations", "crops", "clip_text")
+
+#: Groups holding text read from the images (``FeatureCache.strings``).
+STRING_GROUPS: tuple[str, ...] = ("tags", "ocr", "caption")
+
+#: The dataset of each string group that ``FeatureCache.strings`` returns.
+STRING_DATASETS: dict[str, str] = {"tags": "names", "ocr": "text", "caption": "text"}
 
 #: Groups whose rows are images (aligned with /image_ids).
 IMAGE_GROUPS: tuple[str, ...] = tuple(g for g in GROUPS if g != "clip_text")

@@ -324,9 +324,12 @@ class CacheWriter:
             maxshape = (None,) + tuple(None if (group == "clip_text" and d == "E") else n
                                        for d, n in zip(s.shape[1:], shape[1:], strict=True))
             # fletcher32: a chunk damaged on disk fails to read (a CacheError) instead of
-            # returning wrong numbers.
+            # returning wrong numbers. HDF5 allows no filter on variable-length strings:
+            # those keep their empty-string fill and rely on the content checksums.
+            numeric = s.dtype.kind != "O"
             g.create_dataset(s.name, shape=shape, maxshape=maxshape, dtype=s.dtype,
-                             chunks=_chunks(shape), fillvalue=0, fletcher32=True)
+                             chunks=_chunks(shape), fillvalue=0 if numeric else None,
+                             fletcher32=numeric)
         g.create_dataset(schema.DONE, shape=(rows,), maxshape=(None,), dtype=bool,
                          chunks=(1024,), fillvalue=False, fletcher32=True)
         if group == "clip_text":
@@ -508,6 +511,8 @@ def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _fit(arr: np.ndarray, ds: h5py.Dataset) -> np.ndarray:
     """Zero-pad ``arr`` along axis 1 to the dataset's width (clip_text entity slots)."""
     out = np.zeros((arr.shape[0],) + ds.shape[1:], dtype=ds.dtype)
+    if ds.dtype.kind == "O":  # string slots pad with "", as the fill value reads
+        out[...] = ""
     out[:, : arr.shape[1]] = arr
     return out
 

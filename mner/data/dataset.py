@@ -5,6 +5,7 @@ Layout (what ``mner sample`` writes, and how Twitter-2015/2017 are laid out)::
     DIR/train.txt  DIR/valid.txt (or dev.txt)  DIR/test.txt
     DIR/images/<id>.jpg
     DIR/image_dependent.tsv      optional: split, index, image_id, start, end, type
+    DIR/ocr_dependent.tsv        optional, same columns: entities typed by printed text
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ ALIASES: dict[str, str] = {"dev": "valid", "val": "valid", "validation": "valid"
 
 IMAGE_DEPENDENT_FILE = "image_dependent.tsv"
 IMAGE_DEPENDENT_HEADER: tuple[str, ...] = ("split", "index", "image_id", "start", "end", "type")
+#: The entities whose type only text printed in the image reveals (same columns; read it
+#: with ``read_image_dependent(DIR / OCR_DEPENDENT_FILE)``).
+OCR_DEPENDENT_FILE = "ocr_dependent.tsv"
 
 Marks = dict[tuple[str, int], list[tuple[int, int, str]]]
 

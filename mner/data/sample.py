@@ -12,6 +12,16 @@ images matter:
   type-specific contexts, zero to three entities per tweet, with an image of the type of
   their first entity, or, for ``unrelated_image_share`` of them (and every tweet without
   an entity), a neutral grey texture unrelated to the text.
+* **OCR-dependent tweets** (``ocr_dependent_share``, appended after each split's other
+  tweets, drawn from their own random streams so the rest of the sample is unchanged):
+  an ambiguous name in the shared context, with a grey image whose printed sign types it:
+  ``RIO`` / ``FC`` (a club: ORG), ``JORDAN`` / ``ST`` (a street: LOC), ``DR`` /
+  ``PHOENIX`` (a person: PER), ``ORION`` / ``COLA`` (a product: MISC), in two large dark
+  lines on a light board that OCR reads. Only the printed text tells the type; these
+  entities are listed in ``ocr_dependent.tsv``.
+* **Knowledge** (``knowledge.jsonl``): one line per tweet in the PGIM style, auxiliary
+  text such as an LLM might write: for image- and OCR-dependent tweets it states the
+  gold type of the entity ("Rio is a football club ..."), for the others it is neutral.
 
 Every image type has a strongly distinct global look so that even randomly initialised
 CNN/ViT features separate them: PER is a warm red scene with a head-and-body figure, LOC
@@ -26,13 +36,16 @@ seed)::
     OUT/train.txt valid.txt test.txt   IMGID lines, token<TAB>label, B-/I- tags, MISC
     OUT/images/<id>.jpg
     OUT/image_dependent.tsv            split index image_id start end type
+    OUT/ocr_dependent.tsv              the same columns, for the OCR-dependent entities
     OUT/image_kinds.tsv                split index image_id kind status (what each image shows)
+    OUT/knowledge.jsonl                {"image_id": ..., "context": ...} per tweet
     OUT/sample.json                    the config and counts
     OUT/README.md
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -43,10 +56,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from mner.data.conll import TYPES, Tweet, write_conll
-from mner.data.dataset import IMAGE_DEPENDENT_FILE, IMAGE_DEPENDENT_HEADER, SPLITS
+from mner.data.dataset import (
+    IMAGE_DEPENDENT_FILE,
+    IMAGE_DEPENDENT_HEADER,
+    OCR_DEPENDENT_FILE,
+    SPLITS,
+)
 from mner.data.images import ImageStatus
 from mner.data.schemes import entities
 from mner.errors import ConfigError, DataError
@@ -60,6 +78,9 @@ SIZES: dict[str, dict[str, int]] = {
 NEUTRAL = "neutral"
 MANIFEST = "sample.json"
 IMAGE_KINDS_FILE = "image_kinds.tsv"
+KNOWLEDGE_FILE = "knowledge.jsonl"
+#: What the image of an OCR-dependent tweet shows (``image_kinds.tsv``).
+SIGN = "sign"
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,8 @@ class SampleConfig:
         n_corrupt: Tweets per split whose image file is broken (cycling through a
             truncated JPEG, a zero-byte file and a text file named .jpg).
         jpeg_quality: JPEG quality of the written images.
+        ocr_dependent_share: OCR-dependent tweets appended to each split, as a share of
+            its ``n_<split>`` (rounded); their images have side ``image_size``.
     """
 
     seed: int = 0
@@ -95,6 +118,7 @@ class SampleConfig:
     n_missing: int = 2
     n_corrupt: int = 3
     jpeg_quality: int = 90
+    ocr_dependent_share: float = 0.15
 
     def __post_init__(self) -> None:
         for name in ("n_train", "n_valid", "n_test", "n_missing", "n_corrupt"):
@@ -107,7 +131,7 @@ class SampleConfig:
                 "need 32 <= min_image_size <= image_size <= 4096, got "
                 f"min_image_size={self.min_image_size} image_size={self.image_size}"
             )
-        for name in ("image_dependent_share", "unrelated_image_share"):
+        for name in ("image_dependent_share", "unrelated_image_share", "ocr_dependent_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
         if not 1 <= self.jpeg_quality <= 95:
@@ -116,6 +140,10 @@ class SampleConfig:
     def split_sizes(self) -> dict[str, int]:
         """``{"train": n_train, "valid": n_valid, "test": n_test}``."""
         return {"train": self.n_train, "valid": self.n_valid, "test": self.n_test}
+
+    def ocr_sizes(self) -> dict[str, int]:
+        """OCR-dependent tweets appended to each split."""
+        return {k: round(self.ocr_dependent_share * n) for k, n in self.split_sizes().items()}
 
 
 # --------------------------------------------------------------------------- text pools
@@ -207,13 +235,58 @@ _CONNECTORS = (",", "and", "!", "..", "-", ";")
 _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
+#: The printed sign of an OCR-dependent tweet, two lines per sign (``{N}`` = the name in
+#: capitals). The cue word types the name: a title for a person, a street suffix for a
+#: place, a club / company word for an organisation, a product / event word for MISC.
+SIGNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "PER": (("DR", "{N}"), ("MR", "{N}"), ("COACH", "{N}")),
+    "LOC": (("{N}", "ST"), ("{N}", "AVE"), ("{N}", "RD")),
+    "ORG": (("{N}", "FC"), ("{N}", "INC"), ("{N}", "BANK")),
+    "MISC": (("{N}", "COLA"), ("{N}", "CUP"), ("{N}", "FEST")),
+}
+
+#: Knowledge (PGIM style) that states an entity's type; ``{E}`` = the entity text.
+KNOWLEDGE: dict[str, tuple[str, ...]] = {
+    "PER": (
+        "{E} is a person , a famous athlete and public figure with millions of fans .",
+        "{E} is a singer and actor ; people follow her and his interviews .",
+        "{E} is a well-known person who plays for the national team .",
+    ),
+    "LOC": (
+        "{E} is a city , a place people visit for its beaches and parks .",
+        "{E} is a location : a town and region on the coast .",
+        "{E} is a place , a busy street and neighbourhood downtown .",
+    ),
+    "ORG": (
+        "{E} is an organisation , a football club with a stadium and a team .",
+        "{E} is a company : a bank and business with offices and employees .",
+        "{E} is an organisation that signs players and sells shares .",
+    ),
+    "MISC": (
+        "{E} is a product , a popular drink brand sold in shops .",
+        "{E} is an event : a yearly festival and cup tournament .",
+        "{E} is a product and game series that fans pre-order .",
+    ),
+}  # fmt: skip
+
+#: Knowledge of tweets whose entities the text already types: true but type-blind.
+NEUTRAL_KNOWLEDGE: tuple[str, ...] = (
+    "The post is a short update shared with followers .",
+    "This tweet shares a moment from the day with a photo .",
+    "Users often post such messages on weekends .",
+    "The message reacts to something the author saw online .",
+    "Posts like this one get a few likes and replies .",
+)
+
+
 @dataclass
 class _Planned:
     tokens: list[str]
     labels: list[str]
-    kind: str  # PER/LOC/ORG/MISC/neutral: what the image shows
+    kind: str  # PER/LOC/ORG/MISC/neutral/sign: what the image shows
     dependent: bool
     status: ImageStatus = ImageStatus.OK
+    sign: tuple[str, str] | None = None  # the printed lines of an OCR-dependent tweet
 
 
 def _handle(rng: random.Random) -> str:
@@ -297,10 +370,33 @@ def _plan_split(cfg: SampleConfig, rng: random.Random, n: int) -> list[_Planned]
     return plans
 
 
-def _image_ids(rng: random.Random, n: int) -> list[str]:
-    """Unique ids in the three real forms: 17_06_12483 (2017), O_1926, 996537 (2015)."""
+def _plan_ocr(rng: random.Random, n: int) -> list[_Planned]:
+    """``n`` OCR-dependent tweets: an ambiguous name in an ambiguous context, typed by a sign.
+
+    Names and types rotate as for the image-dependent tweets (every name meets every
+    type), from a random starting point; the sign's cue word is drawn per tweet.
+    """
+    L = len(AMBIGUOUS_NAMES)
+    start = rng.randrange(L * len(TYPES))
+    plans: list[_Planned] = []
+    for k in range(n):
+        j = start + k
+        name, typ = AMBIGUOUS_NAMES[j % L], TYPES[(j // L + j) % len(TYPES)]
+        toks = _decorate(rng, _fill(rng.choice(AMBIGUOUS_TEMPLATES), typ, name))
+        sign = tuple(w.replace("{N}", name.upper()) for w in rng.choice(SIGNS[typ]))
+        plans.append(_Planned([t for t, _ in toks], [lab for _, lab in toks], SIGN, False,
+                              sign=sign))  # type: ignore[arg-type]
+    rng.shuffle(plans)
+    return plans
+
+
+def _image_ids(rng: random.Random, n: int, taken: frozenset[str] = frozenset()) -> list[str]:
+    """Unique ids in the three real forms: 17_06_12483 (2017), O_1926, 996537 (2015).
+
+    ``taken``: ids already used (never returned).
+    """
     ids: list[str] = []
-    seen: set[str] = set()
+    seen: set[str] = set(taken)
     while len(ids) < n:
         r = rng.random()
         if r < 0.4:
@@ -430,7 +526,64 @@ def render_image(kind: str, rng: np.random.Generator, max_side: int, min_side: i
     return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8), "RGB")
 
 
+@functools.lru_cache(maxsize=64)
+def sign_font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's built-in scalable font (Pillow >= 10.1 with FreeType): no font file needed.
+
+    Raises:
+        DataError: This Pillow cannot scale its default font.
+    """
+    font = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        raise DataError("sample: this Pillow cannot draw scalable text (needs Pillow >= 10.1 "
+                        "built with FreeType); upgrade Pillow or set ocr_dependent_share=0")
+    return font
+
+
+def render_sign(lines: tuple[str, ...], rng: np.random.Generator, side: int) -> Image.Image:
+    """Draw a sign: dark capitals on a light board over a grey texture (type-blind colours).
+
+    The text is drawn large (about 14% of the width per line, shrunk to fit), one word per
+    line, so OCR reads each word as its own string in reading order.
+
+    Args:
+        lines: The words, top to bottom.
+        rng: Source of all jitter.
+        side: Image width; the height is 75-100% of it.
+    """
+    w, h = side, max(64, round(side * float(rng.uniform(0.75, 1.0))))
+    g = int(rng.integers(100, 160))
+    img = Image.new("RGB", (w, h), (g, g, g))
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(4, 10))):
+        v = int(rng.integers(70, 190))
+        x0, y0 = w * float(rng.uniform(0, 1)), h * float(rng.uniform(0, 1))
+        d.line([x0, y0, x0 + w * float(rng.uniform(-0.5, 0.5)), y0 + h * float(rng.uniform(-0.5, 0.5))],
+               fill=(v, v, v), width=int(rng.integers(1, 5)))
+    size = int(w * float(rng.uniform(0.12, 0.15)))
+    while size > 12 and max(d.textlength(t, font=sign_font(size)) for t in lines) > 0.78 * w:
+        size -= 2
+    font = sign_font(size)
+    text_w = max(d.textlength(t, font=font) for t in lines)
+    step = int(size * 1.6)
+    bx0 = int((w - text_w - size) * float(rng.uniform(0.2, 0.8)))
+    by0 = int((h - step * len(lines) - size // 2) * float(rng.uniform(0.2, 0.8)))
+    board = tuple(int(c) for c in rng.integers(228, 250, size=3))
+    d.rectangle([bx0, by0, bx0 + text_w + size, by0 + step * len(lines) + size // 2], fill=board)
+    ink = tuple(int(c) for c in rng.integers(10, 50, size=3))
+    for k, t in enumerate(lines):
+        d.text((bx0 + size // 2, by0 + size // 2 + k * step), t, fill=ink, font=font)
+    arr = np.asarray(img, dtype=np.int16)
+    noise = rng.normal(0.0, 5.0, size=arr.shape)
+    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8), "RGB")
+
+
 def _write_image(path: Path, plan: _Planned, rng: np.random.Generator, cfg: SampleConfig) -> None:
+    if plan.sign is not None:
+        buf = io.BytesIO()
+        render_sign(plan.sign, rng, cfg.image_size).save(buf, format="JPEG", quality=cfg.jpeg_quality)
+        path.write_bytes(buf.getvalue())
+        return
     if plan.status is ImageStatus.MISSING:
         return
     if plan.status is ImageStatus.EMPTY:
@@ -451,11 +604,29 @@ def _write_image(path: Path, plan: _Planned, rng: np.random.Generator, cfg: Samp
 
 
 # --------------------------------------------------------------------------- output
+def _knowledge(rng: random.Random, tweets: list[tuple[Tweet, _Planned]]) -> str:
+    """``knowledge.jsonl``: one ``{"image_id", "context"}`` line per tweet, in file order.
+
+    Image- and OCR-dependent tweets get a sentence stating their entity's gold type (what
+    an LLM that recognised the entity would write); every other tweet a type-blind one.
+    """
+    lines = []
+    for tweet, plan in tweets:
+        ents = entities(plan.labels)
+        if (plan.dependent or plan.sign is not None) and ents:
+            typ, s, e = ents[0]
+            text = rng.choice(KNOWLEDGE[typ]).replace("{E}", " ".join(plan.tokens[s:e]))
+        else:
+            text = rng.choice(NEUTRAL_KNOWLEDGE)
+        lines.append(json.dumps({"image_id": tweet.image_id, "context": text}, ensure_ascii=False))
+    return "".join(line + "\n" for line in lines)
+
+
 def _readme(cfg: SampleConfig, counts: dict[str, dict[str, int]]) -> str:
     rows = "\n".join(
         f"| {s} | {c['tweets']} | {c['tokens']} | "
         + " | ".join(str(c[t]) for t in TYPES)
-        + f" | {c['image_dependent']} | {c['neutral_images']} | {c['missing']} | {c['corrupt']} |"
+        + f" | {c['image_dependent']} | {c['ocr_dependent']} | {c['neutral_images']} | {c['missing']} | {c['corrupt']} |"
         for s, c in counts.items()
     )
     return f"""# mner generated sample dataset
@@ -464,8 +635,8 @@ Synthetic tweets in the Twitter-2015/2017 CoNLL format (IMGID lines, token<TAB>l
 BIO2 tags, types {", ".join(TYPES)}), written by `mner sample` (seed {cfg.seed}).
 Regenerate with the same settings to get byte-identical files.
 
-| split | tweets | tokens | {" | ".join(TYPES)} | image-dependent | neutral images | missing | corrupt |
-|---|---|---|{"---|" * len(TYPES)}---|---|---|---|
+| split | tweets | tokens | {" | ".join(TYPES)} | image-dependent | OCR-dependent | neutral images | missing | corrupt |
+|---|---|---|{"---|" * len(TYPES)}---|---|---|---|---|
 {rows}
 
 * **Image-dependent tweets**: an ambiguous name (one of {", ".join(AMBIGUOUS_NAMES[:4])}, ...)
@@ -476,6 +647,15 @@ Regenerate with the same settings to get byte-identical files.
   figure, LOC green land under blue sky, ORG blue-violet with a white square logo, MISC
   yellow-orange with a product shape; "neutral" images are grey textures unrelated to the
   text (tweets without entities, and {cfg.unrelated_image_share:.0%} of the others).
+* **OCR-dependent tweets** (appended at the end of each split): an ambiguous name typed
+  only by the sign printed in its grey image, two words in dark capitals such as
+  `RIO` / `FC` (ORG), `JORDAN` / `ST` (LOC), `DR` / `NOVA` (PER), `ORION` / `COLA`
+  (MISC). Listed in `{OCR_DEPENDENT_FILE}` (same columns); their kind in
+  `{IMAGE_KINDS_FILE}` is `{SIGN}`.
+* **Knowledge** (`{KNOWLEDGE_FILE}`): one JSON line per tweet, `{{"image_id": ..., "context":
+  ...}}`, auxiliary text in the style of LLM-written knowledge (PGIM): it states the type
+  of image- and OCR-dependent entities ("Rio is a football club ...") and is neutral for
+  the other tweets. Use it with `mner train --context-file`.
 * **Broken on purpose**: in each split {cfg.n_missing} images are missing and
   {cfg.n_corrupt} are corrupt (truncated JPEG, zero bytes, an HTML page named .jpg).
   `{IMAGE_KINDS_FILE}` lists what each image shows and its expected status.
@@ -514,13 +694,21 @@ def generate(cfg: SampleConfig, out: str | os.PathLike, *, overwrite: bool = Fal
     rng = random.Random(f"mner-sample-{cfg.seed}")
     sizes = cfg.split_sizes()
     ids = _image_ids(rng, sum(sizes.values()))
+    # The OCR-dependent tweets come from their own streams (ids, text, images): the
+    # rest of the sample stays byte-identical to a sample without them.
+    ocr_sizes = cfg.ocr_sizes()
+    ocr_ids = _image_ids(random.Random(f"mner-sample-{cfg.seed}-ocr"), sum(ocr_sizes.values()),
+                         frozenset(ids))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         (tmp / "images").mkdir()
         counts: dict[str, dict[str, int]] = {}
         dep_rows: list[str] = []
+        ocr_rows: list[str] = []
         kind_rows: list[str] = []
-        offset = 0
+        ocr_kind_rows: list[str] = []
+        knowledge: list[tuple[Tweet, _Planned]] = []
+        offset = ocr_offset = 0
         for split_no, split in enumerate(SPLITS):
             n = sizes[split]
             plans = _plan_split(cfg, random.Random(f"mner-sample-{cfg.seed}-{split}"), n)
@@ -535,22 +723,42 @@ def generate(cfg: SampleConfig, out: str | os.PathLike, *, overwrite: bool = Fal
                     for typ, s, e in entities(plan.labels):
                         dep_rows.append(f"{split}\t{i}\t{iid}\t{s}\t{e}\t{typ}")
             offset += n
+            ocr_plans = _plan_ocr(random.Random(f"mner-sample-{cfg.seed}-{split}-ocr"), ocr_sizes[split])
+            ocr_rng = np.random.default_rng([cfg.seed, split_no, 1])
+            for j, plan in enumerate(ocr_plans):
+                i, iid = n + j, ocr_ids[ocr_offset + j]
+                tweets.append(Tweet(iid, tuple(plan.tokens), tuple(plan.labels), "", 0, i))
+                _write_image(tmp / "images" / f"{iid}.jpg", plan, ocr_rng, cfg)
+                ocr_kind_rows.append(f"{split}\t{i}\t{iid}\t{plan.kind}\t{plan.status.value}")
+                for typ, s, e in entities(plan.labels):
+                    ocr_rows.append(f"{split}\t{i}\t{iid}\t{s}\t{e}\t{typ}")
+            ocr_offset += len(ocr_plans)
+            plans = plans + ocr_plans
+            knowledge += list(zip(tweets, plans, strict=True))
             write_conll(tmp / f"{split}.txt", tweets)
-            c = {"tweets": n, "tokens": sum(len(p.tokens) for p in plans)}
+            c = {"tweets": len(plans), "tokens": sum(len(p.tokens) for p in plans)}
             for t in TYPES:
                 c[t] = sum(1 for p in plans for typ, _, _ in entities(p.labels) if typ == t)
             c["image_dependent"] = sum(p.dependent for p in plans)
+            c["ocr_dependent"] = len(ocr_plans)
             c["neutral_images"] = sum(p.kind == NEUTRAL for p in plans)
             c["missing"] = sum(p.status is ImageStatus.MISSING for p in plans)
             c["corrupt"] = sum(p.status.broken for p in plans)
             counts[split] = c
+        header = "\t".join(IMAGE_DEPENDENT_HEADER) + "\n"
         (tmp / IMAGE_DEPENDENT_FILE).write_text(
-            "\t".join(IMAGE_DEPENDENT_HEADER) + "\n" + "".join(r + "\n" for r in dep_rows),
-            encoding="utf-8",
+            header + "".join(r + "\n" for r in dep_rows), encoding="utf-8"
+        )
+        (tmp / OCR_DEPENDENT_FILE).write_text(
+            header + "".join(r + "\n" for r in ocr_rows), encoding="utf-8"
         )
         (tmp / IMAGE_KINDS_FILE).write_text(
-            "split\tindex\timage_id\tkind\tstatus\n" + "".join(r + "\n" for r in kind_rows),
+            "split\tindex\timage_id\tkind\tstatus\n"
+            + "".join(r + "\n" for r in kind_rows + ocr_kind_rows),
             encoding="utf-8",
+        )
+        (tmp / KNOWLEDGE_FILE).write_text(
+            _knowledge(random.Random(f"mner-sample-{cfg.seed}-knowledge"), knowledge), encoding="utf-8"
         )
         from mner.config import to_dict
 

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mner.cache.schema import FEATURES
+from mner.cache.schema import DEFAULT_FEATURES, FEATURES
+
+#: The paper profile's captioning model (Hugging Face id; a local folder works too).
+BLIP_BASE = "Salesforce/blip-image-captioning-base"
 
 
 @dataclass(frozen=True)
@@ -16,8 +19,12 @@ class ExtractConfig:
     Attributes:
         profile: ``paper`` (the published pretrained models) or ``tiny`` (seeded random
             models small enough for a 2-core CPU; tests and the demo).
-        features: Feature groups to compute; ``relations`` and ``crops`` run the
-            detector too (its outputs are stored only when ``objects`` is listed).
+        features: Feature groups to compute (default: the visual ones,
+            :data:`mner.cache.schema.DEFAULT_FEATURES`; the text-from-image features
+            ``tags``, ``ocr``, ``caption`` are asked for by name). ``relations`` and
+            ``crops`` run the detector too (its outputs are stored only when ``objects``
+            is listed). ``tags`` are derived from the stored ``objects``, so listing
+            ``tags`` adds ``objects``: rows the cache already holds are not recomputed.
         device: ``auto`` picks CUDA when available.
         batch_size: Images per inference batch.
         workers: DataLoader processes decoding images; None = 4 on CUDA, on CPU 0 up
@@ -66,10 +73,20 @@ class ExtractConfig:
         follow_symlinks: Read image files that are symlinks resolving outside the images
             folder; by default they get status ``outside`` (symlinks within the folder,
             and a symlinked folder itself, always work).
+        tags_threshold: ``tags``: minimum detection score of a label; None = 0.5 (paper)
+            / the detection threshold (tiny, whose random detector scores low).
+        ocr_min_score: ``ocr``: minimum recognition confidence of a kept string.
+        ocr_max_strings: ``ocr``: strings kept per image (L), the first in reading order.
+        ocr_threads: ``ocr``: onnxruntime intra-op threads; None = ``threads`` when set,
+            else onnxruntime's default (all cores). The text does not depend on it.
+        caption_model: ``caption`` (paper profile): a Hugging Face image-to-text model id
+            or a local folder saved with ``save_pretrained`` (model and processor); the
+            tiny profile builds a seeded random tiny BLIP unless this is a local folder.
+        caption_max_tokens: ``caption``: most new tokens generated (greedy decoding).
     """
 
     profile: Literal["paper", "tiny"] = "paper"
-    features: tuple[str, ...] = FEATURES
+    features: tuple[str, ...] = DEFAULT_FEATURES
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 16
     workers: int | None = None
@@ -92,6 +109,12 @@ class ExtractConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     threads: int | None = None
     follow_symlinks: bool = False
+    tags_threshold: float | None = None
+    ocr_min_score: float = 0.5
+    ocr_max_strings: int = 32
+    ocr_threads: int | None = None
+    caption_model: str = BLIP_BASE
+    caption_max_tokens: int = 20
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.features if f not in FEATURES]
@@ -99,9 +122,14 @@ class ExtractConfig:
             raise ValueError(f"unknown feature {', '.join(unknown)}; choose from {', '.join(FEATURES)}")
         if not self.features:
             raise ValueError("features is empty; choose from " + ", ".join(FEATURES))
-        for name in ("batch_size", "max_objects", "num_crops", "crop_size", "max_pixels"):
+        for name in ("batch_size", "max_objects", "num_crops", "crop_size", "max_pixels",
+                     "ocr_max_strings", "caption_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ocr_threads is not None and self.ocr_threads < 1:
+            raise ValueError(f"ocr_threads must be >= 1, got {self.ocr_threads}")
+        if not 0.0 <= self.ocr_min_score <= 1.0:
+            raise ValueError(f"ocr_min_score must be between 0 and 1, got {self.ocr_min_score}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         d2_set = [n for n in ("d2_config", "d2_weights", "d2_classes") if getattr(self, n) is not None]
@@ -111,7 +139,9 @@ class ExtractConfig:
         if self.num_crops > self.max_objects:
             raise ValueError(f"num_crops ({self.num_crops}) exceeds max_objects ({self.max_objects})")
         # Keep the canonical order so caches made with the same set compare equal.
-        object.__setattr__(self, "features", tuple(f for f in FEATURES if f in self.features))
+        # Tags are read from the stored objects (see mner.extract.tags).
+        wanted = set(self.features) | ({"objects"} if "tags" in self.features else set())
+        object.__setattr__(self, "features", tuple(f for f in FEATURES if f in wanted))
 
     @property
     def threshold(self) -> float:
@@ -119,6 +149,13 @@ class ExtractConfig:
         if self.score_threshold is not None:
             return self.score_threshold
         return 0.0 if self.profile == "tiny" else 0.05
+
+    @property
+    def tag_threshold(self) -> float:
+        """The effective score threshold of ``tags``."""
+        if self.tags_threshold is not None:
+            return self.tags_threshold
+        return self.threshold if self.profile == "tiny" else 0.5
 
     @property
     def needs_detector(self) -> bool:

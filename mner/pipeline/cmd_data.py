@@ -67,9 +67,11 @@ def sample(
     generate(cfg, out, overwrite=force)
     manifest = json.loads((out / "sample.json").read_text(encoding="utf-8"))
     counts = manifest["counts"]
-    summary = ", ".join(f"{s} {c['tweets']}" for s, c in counts.items())
+    summary = ", ".join(f"{s} {c['tweets'] - c['ocr_dependent']}" for s, c in counts.items())
+    ocr = ", ".join(str(c["ocr_dependent"]) for c in counts.values())
     dep = sum(c["image_dependent"] for c in counts.values())
-    typer.echo(f"wrote {out}: {summary} tweets; {dep} image-dependent entities (seed {cfg.seed})")
+    typer.echo(f"wrote {out}: {summary} tweets (+ {ocr} OCR-dependent); {dep} image-dependent "
+               f"entities (seed {cfg.seed})")
 
 
 def stats(
