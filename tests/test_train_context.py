@@ -352,3 +352,18 @@ def test_xlm_roberta_from_a_folder_with_and_without_context(small, tmp_path):
 
     lr = load_run(tmp_path / "ctx")
     assert context_budget(lr.cfg, lr.model.encoder, lr.tokenizer) == 256 - 64 - 2
+
+
+def test_report_shows_the_context_recipes_reported_numbers():
+    from mner.report.paper_numbers import paper_f1_of_run
+
+    assert paper_f1_of_run("twitter2015", "ita", {"context": ["tags", "caption", "ocr"]}) == 78.03
+    assert paper_f1_of_run("Twitter-2017", "pgim", {"context": ["file"], "context_file": "k.jsonl"}) == 91.43
+    assert paper_f1_of_run("twitter2017", "more_image", {"context": ["file"], "context_file": "r.jsonl"}) == 90.28
+    assert paper_f1_of_run("twitter2015", "more_text", {"context": ["file"], "context_file": "r.jsonl"}) == 77.79
+    # a BERT-CRF reading a context is not the paper's BERT-CRF; ITA without its image text is not ITA
+    assert paper_f1_of_run("twitter2015", "bert_crf", {"context": ["file"], "context_file": "k.jsonl"}) is None
+    assert paper_f1_of_run("twitter2015", "bert_crf", {"context": []}) == 71.81
+    assert paper_f1_of_run("twitter2015", "ita", {"context": ["ocr"]}) is None
+    with pytest.raises(ConfigError, match="no context file is given; pass --context-file"):
+        make_train_config({"model": "pgim", "profile": "tiny"})

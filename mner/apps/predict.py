@@ -309,22 +309,25 @@ class Predictor:
         return contexts, context_budget(cfg, self.loaded.model.encoder, self.loaded.tokenizer)
 
     def _context_strings(self, image_paths: Sequence[Path | None]) -> list[dict[str, list[str]]]:
-        """The image-text features (tags, caption, ocr) of each image, extracted as the
-        run's cache was (None: no usable image, no strings)."""
-        from mner.extract import api
+        """The image-text features (tags, caption, ocr) of each image, extracted with the
+        settings of the run's cache (``mner.extract.api.extract_arrays``), as the cache
+        reader returns them: ``{feature: strings}`` per image, ``{}`` for no usable image."""
+        from mner.cache.schema import STRING_DATASETS
+        from mner.extract.api import extract_arrays
         from mner.train.context import CACHE_SOURCES
 
         wanted = [s for s in self.loaded.cfg.context if s in CACHE_SOURCES]
-        extract_strings = getattr(api, "extract_strings", None)
-        if extract_strings is None:
-            from mner.errors import ConfigError
-
-            raise ConfigError(
-                f"{self.loaded.run}: reads {', '.join(wanted)} of each image, which this mner cannot "
-                "extract at predict time; tag with the tweet view: -o decode_view=tweet at training, "
-                "or use `mner evaluate` on a cache made by `mner extract`"
-            )
-        return extract_strings(list(image_paths), self._cache_provenance, wanted, device=str(self.loaded.device))
+        names = [f"{f}/{STRING_DATASETS[f]}" for f in wanted] + [f"{f}/count" for f in wanted if f != "caption"]
+        arrays, ok = extract_arrays(list(image_paths), self._cache_provenance, names, device=str(self.loaded.device))
+        out: list[dict[str, list[str]]] = []
+        for i in range(len(image_paths)):
+            row: dict[str, list[str]] = {}
+            for f in wanted if ok[i] else ():
+                text = np.asarray(arrays[f"{f}/{STRING_DATASETS[f]}"][i], dtype=object).reshape(-1)
+                n = int(arrays[f"{f}/count"][i]) if f != "caption" else len(text)
+                row[f] = [v.decode() if isinstance(v, bytes) else str(v) for v in text[:n] if v]
+            out.append(row)
+        return out
 
     def _extract(self, image_paths: Sequence[Path | None]) -> _ArrayCache:
         """Run the run's extractors on the images (None: no image, ``image_ok`` False)."""

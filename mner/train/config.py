@@ -49,10 +49,14 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: Context defaults of the models that are context recipes (fields left at None take
-#: them): ``ita`` is ITA's recipe, a text-only encoder + CRF reading the image as text
-#: (object tags, caption, OCR; Wang et al., NAACL 2022) with cross-view alignment.
+#: them; see ``mner/train/heads/ita.py``): ``ita`` reads the image as text (object tags,
+#: caption, OCR; Wang et al., NAACL 2022) with cross-view alignment; MoRe and PGIM read
+#: a context file (retrieved passages; LLM-written knowledge), so they need one.
 CONTEXT_PRESETS: dict[str, dict[str, Any]] = {
     "ita": {"context": ("tags", "caption", "ocr"), "cross_view": True},
+    "more_text": {"context": ("file",)},
+    "more_image": {"context": ("file",)},
+    "pgim": {"context": ("file",)},
 }
 
 #: Size of the seeded random BERT built for ``encoder: tiny``.

@@ -392,8 +392,7 @@ def context_budget(cfg, encoder, tokenizer) -> int:
     Raises:
         ConfigError: not even one context sub-token fits beside a full tweet window.
     """
-    from mner.train.data import PairTemplate
-    from mner.train.encoder import position_limit
+    from mner.train.data import PairTemplate, position_limit
 
     if not cfg.context:
         return 0

@@ -188,6 +188,22 @@ class PairTemplate:
         return len(self.prefix) + len(self.middle) + len(self.suffix) - 2
 
 
+def position_limit(model: torch.nn.Module, tokenizer) -> int:
+    """How many sub-tokens one input of this encoder may hold.
+
+    The position embeddings (less RoBERTa/XLM-R's offset of ``pad_token_id + 1``) and
+    the tokenizer's ``model_max_length`` when it sets a real one.
+    """
+    cfg = model.config
+    limit = int(getattr(cfg, "max_position_embeddings", 512) or 512)
+    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= int(getattr(cfg, "pad_token_id", 1) or 0) + 1
+    own = getattr(tokenizer, "model_max_length", None)
+    if isinstance(own, int) and 0 < own < 100_000:
+        limit = min(limit, own)
+    return limit
+
+
 def make_windows(
     sentences: Sequence[Sequence[str]],
     tokenizer,
