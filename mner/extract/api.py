@@ -70,9 +70,11 @@ def extract_arrays(image_paths: Sequence[str | os.PathLike | None], provenance: 
     cfg = config_from_provenance(provenance, groups, device)
     dev = resolve_device(device)
     ex = build_extractors(cfg, dev)
-    transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip") if g in ex}
+    transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip", "caption") if g in ex}
     if "detector" in ex:
         transforms["raw"] = ex["detector"].preprocess
+    elif "ocr" in ex:
+        transforms["raw"] = ex["ocr"].preprocess
     paths = [None if p is None else os.fspath(p) for p in image_paths]
     items = ImageItems(paths, list(range(len(paths))), transforms, cfg.max_pixels)
     arrays: dict[str, np.ndarray] = {}
@@ -93,6 +95,8 @@ def extract_arrays(image_paths: Sequence[str | os.PathLike | None], provenance: 
         shape = s.concrete_shape(len(paths), {**dims, "O": cfg.max_objects,
                                               "O1": cfg.max_objects + 1, "K": cfg.num_crops})
         arr = np.zeros(shape, dtype=s.dtype)
+        if s.dtype.kind == "O":  # strings (tags, ocr, caption): "" like the cache's fill
+            arr[...] = ""
         for start, pos, v in results.get(name, []):
             for j, p in enumerate(pos):
                 arr[start + p] = v[j]

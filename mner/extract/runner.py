@@ -92,6 +92,14 @@ def build_extractors(cfg: ExtractConfig, device: torch.device) -> dict[str, Any]
         out["detector"] = build_detector(cfg, device)
     if "crops" in feats:
         out["crops"] = CropExtractor(cfg, device, bb)
+    if "ocr" in feats:
+        from mner.extract.ocr import OcrExtractor
+
+        out["ocr"] = OcrExtractor(cfg, device)
+    if "caption" in feats:
+        from mner.extract.caption import CaptionExtractor
+
+        out["caption"] = CaptionExtractor(cfg, device)
     return out
 
 
@@ -107,8 +115,12 @@ def group_specs(cfg: ExtractConfig, ex: dict[str, Any]) -> dict[str, tuple[dict,
     """``group -> (attrs, dims)`` for every requested image group."""
     out: dict[str, tuple[dict, dict]] = {}
     for g in cfg.features:
-        if g in ("resnet", "clip", "crops"):
+        if g in ("resnet", "clip", "crops", "ocr", "caption"):
             out[g] = (ex[g].attrs(), ex[g].dims())
+        elif g == "tags":  # derived from the stored objects (mner.extract.tags)
+            from mner.extract.tags import tags_attrs
+
+            out[g] = (tags_attrs(cfg, ex["detector"].attrs()), {"O": cfg.max_objects})
         elif g == "objects":
             out[g] = (ex["detector"].attrs(), ex["detector"].dims())
         elif g == "relations":
@@ -130,11 +142,13 @@ def run_batch(ex: dict[str, Any], batch: dict[str, Any], need: dict[str, list[in
     """
     ok_index = {p: j for j, p in enumerate(batch["ok"])}
     out: dict[str, dict[str, np.ndarray]] = {}
-    for g in ("resnet", "clip"):
+    for g in ("resnet", "clip", "caption"):
         if need.get(g):
             sel = [ok_index[p] for p in need[g]]
             out[g] = ex[g](batch[g][sel])
-    det_pos = sorted({p for g in ("objects", "relations", "crops") for p in need.get(g, [])})
+    if need.get("ocr"):
+        out["ocr"] = ex["ocr"]([batch["raw"][ok_index[p]] for p in need["ocr"]])
+    det_pos = sorted({p for g in ("objects", "relations", "crops", "tags") for p in need.get(g, [])})
     if det_pos:
         raw = [batch["raw"][ok_index[p]] for p in det_pos]
         det = ex["detector"](raw)
@@ -150,6 +164,13 @@ def run_batch(ex: dict[str, Any], batch: dict[str, Any], need: dict[str, list[in
         if need.get("crops"):
             idx = [at[p] for p in need["crops"]]
             out["crops"] = ex["crops"]([raw[i] for i in idx], det["boxes"][idx], det["count"][idx])
+        if need.get("tags"):  # new images (mner predict); a cache derives them from its objects
+            from mner.extract.tags import derive_tags
+
+            idx = [at[p] for p in need["tags"]]
+            cfg = ex["detector"].cfg
+            out["tags"] = derive_tags(det["labels"][idx], det["scores"][idx], det["count"][idx],
+                                      ex["detector"].attrs()["class_names"], cfg.tag_threshold)
     return out
 
 
@@ -318,12 +339,18 @@ def _run_extract(cfg: ExtractConfig, images: str | os.PathLike,
         n = len(writer.image_ids)
         for g, (attrs, dims) in specs.items():
             writer.ensure_group(g, attrs, dims, n)
+        # tags are derived from the stored objects after the images pass (no image read)
+        derived = {g: specs.pop(g) for g in ("tags",) if g in specs}
         done = {g: writer.done(g) for g in specs}
         order = list(dict.fromkeys(int(r) for r in rows))
         pending = [r for r in order if not all(done[g][r] for g in specs)]
         row_path = dict(zip((int(r) for r in rows), paths, strict=True))
         bad, computed = _run_images(cfg, ex, writer, specs, done, pending, row_path, device, progress,
                                     images)
+        if derived:
+            from mner.extract.tags import write_tags
+
+            write_tags(cfg, writer, order)
         sentences = _run_text(cfg, ex, writer, text) if text else 0
         writer.commit()
     except BaseException:
@@ -362,9 +389,11 @@ def _run_images(cfg: ExtractConfig, ex: dict[str, Any], writer: CacheWriter,
                 progress: bool, images: Path) -> tuple[list[tuple[str, str, str]], int]:
     if not pending:
         return [], 0
-    transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip") if g in specs}
+    transforms: dict[str, Any] = {g: ex[g].preprocess for g in ("resnet", "clip", "caption") if g in specs}
     if any(g in specs for g in ("objects", "relations", "crops")):
         transforms["raw"] = ex["detector"].preprocess
+    elif "ocr" in specs:  # the same decoded uint8 image
+        transforms["raw"] = ex["ocr"].preprocess
     items = ImageItems([row_path[r] for r in pending], pending, transforms, cfg.max_pixels,
                        root=None if cfg.follow_symlinks else images)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)

@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
                                         "(--data a.txt b.txt, or --data repeated); extracts "
                                         "exactly their images plus CLIP text embeddings."),
         features: str = typer.Option(None, "--features", help="Comma list of resnet, clip, "
-                                     "clip_text, objects, relations, crops (default: all)."),
+                                     "clip_text, objects, relations, crops, tags, ocr, caption "
+                                     "(default: all but tags, ocr, caption)."),
         profile: str = typer.Option(None, "--profile", help="paper or tiny."),
         device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
         batch_size: int = typer.Option(None, "--batch-size", help="Images per batch."),
