@@ -322,6 +322,13 @@ def test_a_context_that_tells_the_types_lifts_f1_and_evaluate_predict_use_the_ru
                                      "--context-file", copy, "--json")
         assert code == 0 and "not the context file" in err
         assert json.loads(stdout)["overall"]["f1"] == pytest.approx(f1["oracle"])
+        # the tweet view reads no context: it needs no file (here: gone)
+        prov["context"]["file"]["path"] = str(tmp_path / "gone.jsonl")
+        (run / "provenance.json").write_text(json.dumps(prov))
+        with pytest.raises(ConfigError, match="is gone; pass --context-file"):
+            evaluate_run(run, small / "test.txt")
+        tweet_view = evaluate_run(run, small / "test.txt", view="tweet")["overall"]["f1"]
+        assert tweet_view != pytest.approx(f1["oracle"])
     finally:
         prov["context"]["file"] = saved
         (run / "provenance.json").write_text(json.dumps(prov))

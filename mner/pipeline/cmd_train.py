@@ -74,12 +74,15 @@ def evaluate(
     context_file: Annotated[
         Path | None, typer.Option("--context-file", help="context file (default: the run's, unchanged)")
     ] = None,
+    view: Annotated[
+        str | None, typer.Option("--view", help="decode the context or the tweet view (default: the run's decode_view)")
+    ] = None,
 ) -> None:
     """Score a trained run on a CoNLL file (overall, per type, image-dependent subset)."""
     from mner.train.evaluation import evaluate_run
 
     r = evaluate_run(run, data, seed=seed, features=features, device=device, pred_out=pred,
-                     context_file=context_file)
+                     context_file=context_file, view=view)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return

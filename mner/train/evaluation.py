@@ -148,6 +148,7 @@ def evaluate_run(
     device: str = "auto",
     pred_out: Path | None = None,
     context_file: Path | None = None,
+    view: str | None = None,
 ) -> dict:
     """Score a trained run on a CoNLL file.
 
@@ -161,6 +162,8 @@ def evaluate_run(
         pred_out: optionally write the predictions there as BIO2 CoNLL.
         context_file: the context file for a run that reads one (default: the run's
             own, which must be unchanged; see :func:`mner.train.context.run_contexts`).
+        view: decode this view (``context`` or ``tweet``) instead of the run's
+            ``decode_view`` (``tweet`` reads no context).
 
     Returns:
         The R record: ``{"overall", "per_type", "image_dependent"}``.
@@ -173,6 +176,11 @@ def evaluate_run(
     if not data_file.is_file():
         raise DataError(f"{data_file}: no such file; pass a CoNLL file such as DIR/test.txt")
     lr = load_run(run, seed, device)
+    if view is not None:
+        if view not in ("context", "tweet"):
+            raise ConfigError(f"--view {view!r}: choose context or tweet")
+        lr.cfg = dataclasses.replace(lr.cfg, decode_view=view)
+        lr.model.decode_view = view
     tweets = read_conll(data_file)
     from mner.train.context import CACHE_SOURCES, context_budget, run_contexts
 
