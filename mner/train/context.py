@@ -25,7 +25,6 @@ dataset).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mner.errors import CacheError, ConfigError, DataError
+from mner.provenance import sha256_file
 
 #: Context sources, in the order ITA lists them; a run may use any subset in any order.
 SOURCES = ("tags", "caption", "ocr", "file")
@@ -77,15 +77,6 @@ def _kind(value: object) -> str:
     if isinstance(value, dict):
         return "an object"
     return "a string"
-
-
-def sha256_of(path: str | Path) -> str:
-    """sha256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -142,7 +133,7 @@ def read_context_file(path: str | Path) -> ContextFile:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode it as UTF-8") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    out = ContextFile(path, sha256_of(path))
+    out = ContextFile(path, sha256_file(path))
     first_line: dict[str, int] = {}
     for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
