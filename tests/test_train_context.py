@@ -4,6 +4,7 @@ empty context is exactly the plain model (tiny data, CPU)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 from pathlib import Path
@@ -450,3 +451,41 @@ def test_acceptance_ocr_context_and_knowledge_file_beat_plain_bert_crf(ocr_sampl
     got = [[(e["type"], e["start"], e["end"]) for e in p.entities] for p in Predictor(ocr, device="cpu").tag(posts)]
     want = [list(entities(list(t.labels))) for t in read_conll(ocr / "seed_1" / "pred_test.txt")]
     assert got == want
+
+
+def test_every_head_reads_a_context_and_an_empty_one_changes_nothing(sample_dir, tiny_cache):
+    """Each registered head, on a batch of real cached features: a context batch decodes
+    and trains (finite loss), and the same tweets with empty contexts decode exactly as
+    the plain batch."""
+    from mner.cache.reader import FeatureCache
+    from mner.train.data import VisualStore
+    from mner.train.heads.base import HEADS, get_head
+    from mner.train.runs import build_model
+
+    get_head("bert_crf")
+    tweets = read_conll(sample_dir / "train.txt")[:6]
+    words, ids = [t.tokens for t in tweets], [t.image_id for t in tweets]
+    labels = [t.labels for t in tweets]
+    enc0, tok = encoders.build_tiny(words + [["a", "club", "sign", "in", "the", "city"]], seed=0)
+    cache = FeatureCache(tiny_cache)
+    tags = TagSet("bio2")
+    for name, cls in sorted(HEADS.items()):
+        cfg = make_train_config({"model": name, "profile": "tiny"}, ["context=[]", "cross_view=false"])
+        needs = tuple(cls.required_features(cfg.head_config()))
+        dims = {n: cache.dims(n) for n in needs} | ({"clip_text/sentence": cache.dims("clip_text/sentence")}
+                                                   if cls.needs_text_teacher else {})
+        visual = VisualStore(cache, needs, ids) if needs else None
+
+        def batch(contexts, _visual=visual):
+            ds = NerDataset(words, ids, tok, 64, tags, labels, _visual, contexts=contexts, context_max_length=16)
+            return ds.collate(list(range(len(ds))))
+
+        model = build_model(cfg, 1, copy.deepcopy(enc0), tags, dims).eval()
+        plain, empty = batch(None), batch([""] * len(words))
+        ctx = batch(["a club sign in the city"] * len(words))
+        assert model.decode(empty)[0] == model.decode(plain)[0], name
+        paths, _ = model.decode(ctx)
+        assert [len(p) for p in paths] == [len(w) for w in words], name
+        model.train()
+        loss, _ = model.loss(ctx)
+        assert torch.isfinite(loss), name
