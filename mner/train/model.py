@@ -83,21 +83,23 @@ class Tagger(nn.Module):
             ``(hidden, token_mask)``: (B, Tt, Dt) states and (B, Tt) bool mask of the
             tweet part, laid out as a window without context ([CLS] tweet [SEP]).
         """
+        tweet_len = getattr(batch, "tweet_len", None)
+        types = getattr(batch, "token_type_ids", None)
+        if tweet_len is None:  # a batch built without context support: the plain model
+            enc = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long())
+            return enc.last_hidden_state, batch.attention_mask
         T = batch.input_ids.shape[1]
-        if batch.tweet_len is None:
-            tweet_mask, Tt = batch.attention_mask, T
-        else:
-            Tt = int(batch.tweet_len.max())
-            pos = torch.arange(Tt, device=batch.input_ids.device)
-            tweet_mask = pos.unsqueeze(0) < batch.tweet_len.unsqueeze(1)  # (B, Tt)
-        if Tt == T and batch.token_type_ids is None:
+        Tt = int(tweet_len.max())
+        pos = torch.arange(Tt, device=batch.input_ids.device)
+        tweet_mask = pos.unsqueeze(0) < tweet_len.unsqueeze(1)  # (B, Tt)
+        if Tt == T and types is None:
             view = "tweet"  # no window reads a context: both views are the plain model
         if view == "tweet":
             pad = int(getattr(self.encoder.config, "pad_token_id", None) or 0)
             ids = batch.input_ids[:, :Tt].masked_fill(~tweet_mask, pad)
             enc = self.encoder(input_ids=ids, attention_mask=tweet_mask.long()).last_hidden_state
             return enc, tweet_mask
-        extra = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+        extra = {} if types is None else {"token_type_ids": types}
         enc = self.encoder(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(), **extra
         ).last_hidden_state  # (B, T, Dt)
@@ -172,9 +174,10 @@ class Tagger(nn.Module):
     @staticmethod
     def reads_context(batch: Batch) -> bool:
         """True when some window of the batch reads a context."""
-        if batch.tweet_len is None:
+        tweet_len = getattr(batch, "tweet_len", None)
+        if tweet_len is None:
             return False
-        return batch.token_type_ids is not None or int(batch.tweet_len.max()) < batch.input_ids.shape[1]
+        return getattr(batch, "token_type_ids", None) is not None or int(tweet_len.max()) < batch.input_ids.shape[1]
 
     @torch.no_grad()
     def decode(self, batch: Batch) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
