@@ -8,8 +8,14 @@ Measures, in one run, the seconds per training epoch of
       repository trains: decode + resize/crop/normalise + a ResNet-152 forward pass
       inside the training loop (the CNN frozen, as in UMT),
 
+  (d) ``bert_crf`` reading a context (the sample's ``knowledge.jsonl``, a PGIM-style
+      context file) as the second sentence of a pair, and (e) the same with ITA's
+      cross-view alignment (the tweet-only view trained too, plus the KL term),
+
 all with the tiny encoder, and prints c/b (what the cache saves; target >= 3) and b/a
-(the head's own cost; target <= 1.15). It also times (a) and (b) with a BERT-base-sized
+(the head's own cost; target <= 1.15); for (d) and (e) it prints the epoch cost against
+(a) beside the measured ratio of sub-tokens per window (context windows / plain ones),
+which is what a context costs. It also times (a) and (b) with a BERT-base-sized
 encoder (random weights, ``BertConfig()`` defaults) so GPU runs can be compared later, and
 with it two cheaper UMT variants (no span detection; MGC section 2.4's layout) to show where
 the head's cost goes. Every configuration trains with ``--amp`` (default ``auto``, as
@@ -113,7 +119,7 @@ class ResNetPerBatch:
 
 
 def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, hook_images=None,
-                  dims=None, overrides=(), amp="auto"):
+                  dims=None, overrides=(), amp="auto", contexts=None):
     """Wall and process-CPU seconds of one training epoch (extrapolated from ``max_batches``).
 
     CPU seconds are reported too because on a shared machine wall time mostly measures
@@ -133,7 +139,8 @@ def epoch_seconds(model_name, enc, tok, tweets, cache, device, max_batches=0, ho
     ids = [t.image_id for t in tweets]
     visual = VisualStore(cache, needs, ids) if (needs and hook_images is None) else None
     ds = NerDataset([t.tokens for t in tweets], ids, tok, cfg.max_length, tagset,
-                    [t.labels for t in tweets], visual)
+                    [t.labels for t in tweets], visual, contexts=contexts,
+                    context_max_length=cfg.context_max_length)
     feature_dims = dims if dims is not None else {n: cache.dims(n) for n in needs}
     model = build_model(cfg, 1, enc, tagset, feature_dims).to(device)
     opt = make_optimizer(model, cfg)
@@ -201,7 +208,20 @@ def main() -> None:
     def tiny():
         return encoders.build_tiny(words, seed=1)
 
+    from mner.train.context import build_contexts, read_context_file
+    from mner.train.data import make_windows
+
+    knowledge = read_context_file(data / "knowledge.jsonl") if (data / "knowledge.jsonl").is_file() else None
+    contexts = build_contexts(("file",), tweets, context_file=knowledge)[0] if knowledge else None
+    ctx_words = words + [c.split() for c in contexts or [] if c]
+    # The context rows' tiny vocabulary also learns the context words, as mner train's does.
+    ctx_file = [f"context_file={data / 'knowledge.jsonl'}"]
+
     def run_tiny(key):
+        if key in ("d", "e"):
+            enc, tok = encoders.build_tiny(ctx_words, seed=1)
+            return epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.max_batches, amp=args.amp,
+                                 contexts=contexts, overrides=ctx_file + (["cross_view=true"] if key == "e" else []))
         enc, tok = tiny()
         if key == "a":
             return epoch_seconds("bert_crf", enc, tok, tweets, cache, device, args.max_batches, amp=args.amp)
@@ -233,7 +253,8 @@ def main() -> None:
     # (c) is slow and its ratio far from the target: one round.
     rounds: dict[str, list[tuple[float, float]]] = {}
     for r in range(args.repeat):
-        for key in ("a", "b", "base_a", *variants, *fp32_row) + (("c",) if r == 0 else ()):
+        ctx_keys = ("d", "e") if contexts else ()
+        for key in ("a", "b", *ctx_keys, "base_a", *variants, *fp32_row) + (("c",) if r == 0 else ()):
             rounds.setdefault(key, []).append(run_base(key) if key.startswith("base") else run_tiny(key))
     res = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
            for k, v in rounds.items()}
@@ -247,6 +268,8 @@ def main() -> None:
         ("a", "(a) bert_crf, tiny encoder"),
         ("b", "(b) umt, cached features, tiny encoder"),
         ("c", "(c) umt, ResNet-152 per batch from images, tiny"),
+        *((("d", "(d) bert_crf + context file, tiny"), ("e", "(e) bert_crf + context + cross-view KL, tiny"))
+          if contexts else ()),
         ("base_a", "bert_crf, BERT-base-sized encoder"),
         *((key, label) for key, label, _ in UMT_VARIANTS),
         *((key, "bert_crf, BERT-base-sized encoder, amp off (fp32)") for key in fp32_row),
@@ -255,6 +278,14 @@ def main() -> None:
     for key, label in rows:
         base = res["base_a" if key.startswith("base") else "a"][0]
         print(f"  {label:52}{res[key][0]:9.2f}{res[key][1]:9.2f}{res[key][0] / base:12.2f}")
+    if contexts:
+        _, ctok = encoders.build_tiny(ctx_words, seed=1)
+        sents = [t.tokens for t in tweets]
+        plain = make_windows(sents, ctok, 128)
+        ctx = make_windows(sents, ctok, 128, contexts=contexts, context_max_length=128)
+        ratio = sum(len(w.input_ids) for w in ctx) / sum(len(w.input_ids) for w in plain)
+        print(f"context: sub-tokens per window {ratio:.2f}x the tweet's alone; epoch cost (wall) "
+              f"d/a = {res['d'][0] / res['a'][0]:.2f}, e/a = {res['e'][0] / res['a'][0]:.2f}")
     for i, kind in enumerate(("wall", "cpu")):
         print(f"{kind}: ratio c/b = {res['c'][i] / res['b'][i]:.2f} (target >= 3), "
               f"b/a = {res['b'][i] / res['a'][i]:.2f} (target <= 1.15), "

@@ -32,7 +32,7 @@ def train_tweets(sample_dir):
 
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_head_trains_and_decodes_under_bf16_autocast(name, train_tweets, tiny_cache):
-    cfg = make_train_config({"model": name, "profile": "tiny"})
+    cfg = make_train_config({"model": name, "profile": "tiny"}, ["context=[]", "cross_view=false"])
     needs = tuple(cfg.head_class().required_features(cfg.head_config()))
     cache = FeatureCache(tiny_cache) if needs else None
     enc, tok = encoders.build_tiny([t.tokens for t in train_tweets], seed=1)

@@ -59,7 +59,7 @@ def _config(cls: type[T], section: str, config: T | None, params: PathLike | Non
 
 
 def load(run_or_folder: PathLike, seed: int | None = None, device: str = "auto",
-         weights_dir: PathLike | None = None) -> Predictor:
+         weights_dir: PathLike | None = None, context_file: PathLike | None = None) -> Predictor:
     """A predictor for a run folder (``mner train --out``) or an exported model (``mner export``).
 
     Args:
@@ -68,6 +68,8 @@ def load(run_or_folder: PathLike, seed: int | None = None, device: str = "auto",
         device: ``auto``, ``cpu`` or ``cuda[:i]``; also where image features are computed.
         weights_dir: the folder of local vision weight files (``mner extract
             --weights-dir``), needed on another machine when the training cache used them.
+        context_file: for a run trained with ``--context-file``: the file to look posts
+            up in (by image id, or by post id as ``"key"``); default the run's own.
 
     Returns:
         A :class:`~mner.apps.predict.Predictor`: call it on a text (or a list of texts)
@@ -75,7 +77,8 @@ def load(run_or_folder: PathLike, seed: int | None = None, device: str = "auto",
     """
     from mner.apps.predict import Predictor
 
-    return Predictor(run_or_folder, seed=seed, device=device, weights_dir=weights_dir)
+    return Predictor(run_or_folder, seed=seed, device=device, weights_dir=weights_dir,
+                     context_file=context_file)
 
 
 def predict_file(
@@ -89,6 +92,7 @@ def predict_file(
     batch_size: int = 64,
     strict_images: bool = False,
     progress: bool | None = None,
+    context_file: PathLike | None = None,
 ) -> BulkResult:
     """``mner predict --input FILE --out OUT``: stream a file of posts into JSON lines (resumable).
 
@@ -101,6 +105,7 @@ def predict_file(
         batch_size: posts per batch.
         strict_images: stop at the first post whose named image is not ok.
         progress: progress bar on stderr (None: when stderr is a terminal).
+        context_file: as for :func:`load`.
 
     Returns:
         A :class:`~mner.apps.bulk.BulkResult` (``written``, ``skipped``, ``problems``).
@@ -108,7 +113,8 @@ def predict_file(
     from mner.apps.bulk import predict_file as _predict_file
     from mner.apps.predict import Predictor
 
-    make = run if isinstance(run, Predictor) else (lambda: Predictor(run, seed=seed, device=device))
+    make = run if isinstance(run, Predictor) else (
+        lambda: Predictor(run, seed=seed, device=device, context_file=context_file))
     return _predict_file(make, input_file, out, images=images, batch_size=batch_size,
                          strict_images=strict_images, progress=progress)
 

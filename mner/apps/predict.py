@@ -212,12 +212,15 @@ class Predictor:
         weights_dir: the folder of the vision weight files the training cache was made
             with (``mner extract --weights-dir``), when it is not the one recorded (an
             exported model, another machine).
+        context_file: for a run that reads a context file: the file to look posts up in
+            (by image id, or by post id as ``"key"``); default the run's own, unchanged.
     """
 
     def __init__(self, run: str | Path, seed: int | None = None, device: str = "auto",
-                 weights_dir: str | Path | None = None):
+                 weights_dir: str | Path | None = None, context_file: str | Path | None = None):
         self.loaded = load_run(Path(run), seed, device)
         self.device = device
+        self.context_file = context_file
         prov = (self.loaded.provenance.get("cache") or {}).get("provenance") or {}
         stored = prov.get("extract_config") or {}
         if weights_dir is not None:
@@ -412,7 +415,9 @@ class Predictor:
                 for i, c in enumerate(checks)
             ]
             visual = VisualStore(arrays, lr.needs, ids)
-        ds = NerDataset(sentences, ids, lr.tokenizer, lr.cfg.max_length, None, None, visual)
+        contexts, budget = self._contexts(posts, checks)
+        ds = NerDataset(sentences, ids, lr.tokenizer, lr.cfg.max_length, None, None, visual,
+                        contexts=contexts, context_max_length=budget)
         tags, scores = predict_scored(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision,
                                       lr.tagset.decode)
         out = []
@@ -425,6 +430,51 @@ class Predictor:
                     ent["char_start"], ent["char_end"] = offs[s][0], offs[e - 1][1]
                 ents.append(ent)
             out.append(Prediction(ents, check, scored_entities(text, spans, [sc[x] for x in spans])))
+        return out
+
+    def _contexts(self, posts: Sequence[Post], checks: Sequence[ImageCheck]) -> tuple[list[str] | None, int]:
+        """The context of each post for a run that reads one (None otherwise), and its budget.
+
+        The file source looks a post up by its image id (``image_id``, CoNLL ``IMGID``)
+        or by its id as ``"key"``; image-text sources are extracted from the post's image
+        like the visual features (:meth:`_context_strings`).
+        """
+        from types import SimpleNamespace
+
+        from mner.train.context import CACHE_SOURCES, context_budget, run_contexts
+
+        cfg = self.loaded.cfg
+        if not cfg.context or cfg.decode_view == "tweet":
+            return None, 0
+        items = [SimpleNamespace(image_id=p.id if p.image_ref == p.id else None) for p in posts]
+        found: list[dict[str, list[str]]] = [{} for _ in posts]
+        if any(s in CACHE_SOURCES for s in cfg.context):
+            found = self._context_strings([p.image if c.ok else None for p, c in zip(posts, checks, strict=True)])
+        contexts = run_contexts(
+            cfg, self.loaded.provenance, items, context_file=self.context_file, where=str(self.loaded.run),
+            keys=[p.id for p in posts], strings=lambda feature, i: found[i].get(feature, []),
+        )
+        return contexts, context_budget(cfg, self.loaded.model.encoder, self.loaded.tokenizer)
+
+    def _context_strings(self, image_paths: Sequence[Path | None]) -> list[dict[str, list[str]]]:
+        """The image-text features (tags, caption, ocr) of each image, extracted with the
+        settings of the run's cache (``mner.extract.api.extract_arrays``), as the cache
+        reader returns them: ``{feature: strings}`` per image, ``{}`` for no usable image."""
+        from mner.cache.schema import STRING_DATASETS
+        from mner.extract.api import extract_arrays
+        from mner.train.context import CACHE_SOURCES
+
+        wanted = [s for s in self.loaded.cfg.context if s in CACHE_SOURCES]
+        names = [f"{f}/{STRING_DATASETS[f]}" for f in wanted] + [f"{f}/count" for f in wanted if f != "caption"]
+        arrays, ok = extract_arrays(list(image_paths), self._cache_provenance, names, device=str(self.loaded.device))
+        out: list[dict[str, list[str]]] = []
+        for i in range(len(image_paths)):
+            row: dict[str, list[str]] = {}
+            for f in wanted if ok[i] else ():
+                text = np.asarray(arrays[f"{f}/{STRING_DATASETS[f]}"][i], dtype=object).reshape(-1)
+                n = int(arrays[f"{f}/count"][i]) if f != "caption" else len(text)
+                row[f] = [v.decode() if isinstance(v, bytes) else str(v) for v in text[:n] if v]
+            out.append(row)
         return out
 
     def _extract(self, image_paths: Sequence[Path | None]) -> _ArrayCache:

@@ -27,6 +27,9 @@ def train(
     profile: Annotated[str | None, typer.Option("--profile", help="paper or tiny")] = None,
     encoder: Annotated[str | None, typer.Option("--encoder", help="HF name or local folder of the encoder")] = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="comma-separated seeds, one run each, e.g. 1,2,3")] = None,
+    context_file: Annotated[
+        Path | None, typer.Option("--context-file", help="JSON lines {\"image_id\" or \"key\", \"context\"} read with each tweet")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a run already in --out")] = False,
     nproc: Annotated[int, typer.Option(
@@ -57,7 +60,8 @@ def train(
         TrainConfig,
         "train",
         params=params,
-        flags={"model": model, "profile": profile, "encoder": encoder, "seeds": seeds},
+        flags={"model": model, "profile": profile, "encoder": encoder, "seeds": seeds,
+               "context_file": None if context_file is None else str(context_file)},
         overrides=overrides(override, override_alias),
         route=route_head_options,
     )
@@ -100,11 +104,18 @@ def evaluate(
     pred: Annotated[Path | None, typer.Option("--pred", help="also write the predictions (BIO2 CoNLL)")] = None,
     device: Annotated[str, typer.Option("--device")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print the scores as JSON")] = False,
+    context_file: Annotated[
+        Path | None, typer.Option("--context-file", help="context file (default: the run's, unchanged)")
+    ] = None,
+    view: Annotated[
+        str | None, typer.Option("--view", help="decode the context or the tweet view (default: the run's decode_view)")
+    ] = None,
 ) -> None:
     """Score a trained run on a CoNLL file (overall, per type, image-dependent subset)."""
     from mner.apps.api import evaluate as evaluate_run  # the Python API's mner.evaluate
 
-    r = evaluate_run(run, data, seed=seed, features=features, device=device, pred_out=pred)
+    r = evaluate_run(run, data, seed=seed, features=features, device=device, pred_out=pred,
+                     context_file=context_file, view=view)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -148,6 +159,9 @@ def predict(
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="with --out: progress bar (default: on a terminal)")
     ] = None,
+    context_file: Annotated[
+        Path | None, typer.Option("--context-file", help="context file, by image id or post id (default: the run's)")
+    ] = None,
 ) -> None:
     """Print the entities (type, word span, characters, score) of new tweets.
 
@@ -169,7 +183,7 @@ def predict(
         from mner.apps.api import predict_file
 
         res = predict_file(run, input_file, out, images=images, seed=seed, device=device, batch_size=batch_size,
-                           strict_images=strict_images, progress=progress)
+                           strict_images=strict_images, progress=progress, context_file=context_file)
         if res.problems:
             from mner.apps.bulk import problems_path
 
@@ -195,7 +209,7 @@ def predict(
         if images is None and (input_file.parent / "images").is_dir():
             images = input_file.parent / "images"
         posts, problems = read_posts(input_file, images)
-    predictor = Predictor(run, seed=seed, device=device) if posts else None
+    predictor = Predictor(run, seed=seed, device=device, context_file=context_file) if posts else None
     checks, warnings = predictor.check_posts(posts, strict=strict_images) if predictor else ([], [])
     for line in warnings:
         typer.echo(line, err=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mner.report.paper_numbers import PAPER_ORDER, paper_dataset, paper_f1
+from mner.report.paper_numbers import PAPER_ORDER, paper_dataset, paper_f1_of_run
 from mner.report.runs import Run, as_dict
 
 TYPES: tuple[str, ...] = ("PER", "LOC", "ORG", "MISC")
@@ -174,7 +174,7 @@ def row_of(run: Run, split: str, include_paper: bool) -> Row:
             }
         )
     # The paper's number is for the full model only; an ablation row gets none.
-    paper = paper_f1(run.dataset, run.model) if include_paper and not run.head_diff else None
+    paper = paper_f1_of_run(run.dataset, run.model, run.config) if include_paper and not run.head_diff else None
     return Row(run=run, stats=stats, per_seed=per_seed, paper_f1=paper)
 
 

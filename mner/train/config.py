@@ -45,6 +45,16 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: Context defaults of the models that are context recipes (fields left at None take
+#: them; see ``mner/train/heads/ita.py``): ``ita`` reads the image as text (object tags,
+#: caption, OCR; Wang et al., NAACL 2022) with cross-view alignment; MoRe and PGIM read
+#: a context file (retrieved passages; LLM-written knowledge), so they need one.
+CONTEXT_PRESETS: dict[str, dict[str, Any]] = {
+    "ita": {"context": ("tags", "caption", "ocr"), "cross_view": True},
+    "more_text": {"context": ("file",)},
+    "more_image": {"context": ("file",)},
+    "pgim": {"context": ("file",)},
+}
 
 #: Size of the seeded random BERT built for ``encoder: tiny``.
 TINY_BERT = {
@@ -111,6 +121,19 @@ class TrainConfig:
             (each rank takes its share) instead of each rank's (effective batch
             ``batch_size x ranks``); true gives the one-process run's steps.
         head: the head's options (its ``Config`` fields), filled with defaults.
+        context: ordered context sources (``tags``, ``caption``, ``ocr``, ``file``)
+            joined into one text the encoder reads after the tweet as a sentence pair
+            (see :mod:`mner.train.context`); None = the model's preset
+            (:data:`CONTEXT_PRESETS`), else none. Empty = the plain model.
+        context_file: JSON-lines context file (``--context-file``); implies ``file``.
+        context_max_length: sub-token budget of the context on top of the tweet's
+            window (the context is cut to it; the tweet is never cut for context).
+        cross_view: ITA's cross-view alignment: also train the tweet-only view and add
+            the KL term from the tweet+context view's CRF marginals to the tweet-only
+            view's; None = the model's preset, else off.
+        cross_view_weight: weight of that KL term.
+        decode_view: the view decoded at evaluation/prediction: ``context`` (the
+            tweet+context input, ITA's default) or ``tweet`` (the tweet alone).
         recipe: written by mner, not a setting: ``name`` (the head whose paper recipe
             filled the unset fields, or ``tiny``), ``dataset`` (whose per-dataset values
             applied; null for none) and ``user`` (the recipe fields the user set, whose
@@ -148,6 +171,12 @@ class TrainConfig:
     parallel: Literal["auto", "ddp", "seeds"] = "auto"
     global_batch: bool = False
     head: dict[str, Any] = field(default_factory=dict)
+    context: tuple[str, ...] | None = None
+    context_file: str | None = None
+    context_max_length: int = 128
+    cross_view: bool | None = None
+    cross_view_weight: float = 1.0
+    decode_view: Literal["context", "tweet"] = "context"
     recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -166,6 +195,7 @@ class TrainConfig:
         elif set(self.recipe) != {"name", "dataset", "user"}:
             raise ValueError("recipe is the record mner writes to config.yaml (name, dataset, user), "
                              "not a setting; remove it and set the values themselves, e.g. epochs=24")
+        self._resolve_context()
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         for key in ("epochs", "batch_size", "eval_batch_size", "bucket_size"):
@@ -187,6 +217,27 @@ class TrainConfig:
         # defaults filled in, so config.yaml records every ablation switch used.
         head_cfg = build(self.head_class().Config, self.head, where="train.head")
         object.__setattr__(self, "head", to_dict(head_cfg))
+
+    def _resolve_context(self) -> None:
+        from mner.train.context import check_sources
+
+        preset = CONTEXT_PRESETS.get(self.model, {})
+        for key in ("context", "cross_view"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, preset.get(key, () if key == "context" else False))
+        object.__setattr__(self, "context", check_sources(self.context, self.context_file))
+        if self.context_max_length < 1:
+            raise ValueError(f"context_max_length must be at least 1, got {self.context_max_length}")
+        if self.cross_view_weight < 0:
+            raise ValueError(f"cross_view_weight must not be negative, got {self.cross_view_weight}")
+        if self.cross_view and not self.context:
+            raise ValueError("cross_view aligns the tweet+context view with the tweet view: set context "
+                             "(e.g. -o context=tags,caption,ocr or --context-file FILE)")
+
+    @property
+    def uses_context(self) -> bool:
+        """True when the encoder reads a context after the tweet."""
+        return bool(self.context)
 
     def head_class(self):
         """The registered head class named by ``model`` (ConfigError if unknown)."""

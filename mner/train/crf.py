@@ -52,8 +52,8 @@ def log_partition(crf: nn.Module, emissions: torch.Tensor, mask: torch.Tensor) -
     return torch.logsumexp(alpha[:, -1] + crf.end_transitions, dim=1)
 
 
-def marginals(crf: nn.Module, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-word tag marginals ``P(y_i = k | x)`` by forward-backward.
+def log_marginals(crf: nn.Module, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-word log tag marginals ``log P(y_i = k | x)`` by forward-backward.
 
     Args:
         crf: a ``torchcrf.CRF`` (batch_first).
@@ -61,7 +61,7 @@ def marginals(crf: nn.Module, emissions: torch.Tensor, mask: torch.Tensor) -> to
         mask: (B, W) bool, a prefix of True per sequence.
 
     Returns:
-        (B, W, K) probabilities; each valid word's row sums to 1, padded words are 0.
+        (B, W, K) log-probabilities; rows at padded words are meaningless (mask them).
     """
     emissions, mask = emissions.float(), mask.bool()
     B, W, K = emissions.shape
@@ -75,8 +75,21 @@ def marginals(crf: nn.Module, emissions: torch.Tensor, mask: torch.Tensor) -> to
         # Word i is a sequence's last when word i+1 is padding: only the end transition follows.
         beta.append(torch.where(mask[:, i + 1].unsqueeze(1), nb, end))
     beta = torch.stack(beta[::-1], dim=1)  # (B, W, K)
-    probs = torch.exp(alpha + beta - log_z[:, None, None])
-    return probs * mask.unsqueeze(-1)
+    return alpha + beta - log_z[:, None, None]
+
+
+def marginals(crf: nn.Module, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-word tag marginals ``P(y_i = k | x)`` by forward-backward.
+
+    Args:
+        crf: a ``torchcrf.CRF`` (batch_first).
+        emissions: (B, W, K) float scores.
+        mask: (B, W) bool, a prefix of True per sequence.
+
+    Returns:
+        (B, W, K) probabilities; each valid word's row sums to 1, padded words are 0.
+    """
+    return torch.exp(log_marginals(crf, emissions, mask)) * mask.bool().unsqueeze(-1)
 
 
 def span_probabilities(

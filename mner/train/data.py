@@ -7,6 +7,13 @@
 * A sentence longer than ``max_length`` sub-tokens is cut into consecutive windows at
   word boundaries, so every gold word is tagged exactly once at evaluation (a single
   word longer than a whole window keeps only its first sub-tokens).
+* With context (``train.context``, :mod:`mner.train.context`) a window is the
+  tokenizer's own pair encoding of the window's words and the sentence's context text
+  (``[CLS] tweet [SEP] context [SEP]`` for BERT, with token type ids 0 then 1;
+  ``<s> tweet </s></s> context </s>`` for RoBERTa/XLM-R, without): the tweet part is
+  exactly the window without context (``Window.tweet_len`` sub-tokens), and the context
+  is cut to ``context_max_length`` sub-tokens; the tweet is never cut for it. An empty
+  context gives exactly the window without context.
 * Visual tensors come only from the cache, aligned by image id. Small caches are read
   into memory once; large ones are read per batch (the reader opens the file lazily in
   each DataLoader worker). Images that are missing or unreadable give zero rows and
@@ -84,6 +91,10 @@ class Window:
         tags: tag id per word (W,), empty when there are no gold labels.
         entities: (entity row in the sentence, start, end) in sub-token positions of
             the gold entities lying fully inside the window.
+        tweet_len: sub-tokens of the tweet part (the window without context); equals
+            ``len(input_ids)`` when the window has no context.
+        token_type_ids: segment ids of the pair encoding for tokenizers that use them
+            (BERT), else None.
     """
 
     item: int
@@ -92,6 +103,12 @@ class Window:
     first: list[int]
     tags: list[int] = field(default_factory=list)
     entities: list[tuple[int, int, int]] = field(default_factory=list)
+    tweet_len: int = 0
+    token_type_ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tweet_len:
+            self.tweet_len = len(self.input_ids)
 
     @property
     def n_words(self) -> int:
@@ -117,25 +134,134 @@ class WordPieces:
         return [self.memo[w] for w in words]
 
 
+@dataclass(frozen=True)
+class PairTemplate:
+    """The tokenizer's own pair encoding, as special tokens around the two parts.
+
+    ``prefix + A + middle + B + suffix`` with segment ids ``type_a`` over
+    ``prefix + A + middle`` and ``type_b`` over ``B + suffix`` (None: the tokenizer has
+    no token type ids). Read off the tokenizer by encoding a probe pair, so any
+    tokenizer's template (BERT, RoBERTa, XLM-R) is followed without naming it.
+    """
+
+    prefix: tuple[int, ...]
+    middle: tuple[int, ...]
+    suffix: tuple[int, ...]
+    type_a: int | None
+    type_b: int | None
+
+    @classmethod
+    def of(cls, tokenizer) -> PairTemplate:
+        """Probe ``tokenizer`` with a pair of two distinct special tokens.
+
+        Raises:
+            ConfigError: the tokenizer has no pair encoding, or one whose first part is
+                not its single-sentence encoding (``[CLS] A [SEP]``), which the tagger
+                relies on to read the tweet's positions.
+        """
+        from mner.errors import ConfigError
+
+        a, b = tokenizer.mask_token, tokenizer.pad_token
+        ia, ib = tokenizer.mask_token_id, tokenizer.pad_token_id
+        enc = tokenizer(a, b, return_token_type_ids=True) if a and b else None
+        ids = list(enc["input_ids"]) if enc is not None else []
+        cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        if ids.count(ia) != 1 or ids.count(ib) != 1 or ids.index(ia) > ids.index(ib):
+            raise ConfigError(f"tokenizer {type(tokenizer).__name__} has no pair encoding to read a context with")
+        pa, pb = ids.index(ia), ids.index(ib)
+        prefix, middle, suffix = ids[:pa], ids[pa + 1 : pb], ids[pb + 1 :]
+        if prefix != [cls_id] or middle[:1] != [sep_id]:
+            raise ConfigError(
+                f"tokenizer {type(tokenizer).__name__}: its pair encoding does not start with its "
+                "single-sentence encoding ([CLS] tweet [SEP]); context is not supported for it"
+            )
+        types = enc.get("token_type_ids")
+        use_types = types is not None and "token_type_ids" in tokenizer.model_input_names
+        return cls(
+            tuple(prefix), tuple(middle), tuple(suffix),
+            int(types[pa]) if use_types else None, int(types[pb]) if use_types else None,
+        )
+
+    @property
+    def extra(self) -> int:
+        """Special tokens the pair adds over the single encoding (its [CLS] and [SEP])."""
+        return len(self.prefix) + len(self.middle) + len(self.suffix) - 2
+
+
+def position_limit(model: torch.nn.Module, tokenizer) -> int:
+    """How many sub-tokens one input of this encoder may hold.
+
+    The position embeddings (less RoBERTa/XLM-R's offset of ``pad_token_id + 1``) and
+    the tokenizer's ``model_max_length`` when it sets a real one.
+    """
+    cfg = model.config
+    limit = int(getattr(cfg, "max_position_embeddings", 512) or 512)
+    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= int(getattr(cfg, "pad_token_id", 1) or 0) + 1
+    own = getattr(tokenizer, "model_max_length", None)
+    if isinstance(own, int) and 0 < own < 100_000:
+        limit = min(limit, own)
+    return limit
+
+
 def make_windows(
     sentences: Sequence[Sequence[str]],
     tokenizer,
     max_length: int,
     tags: Sequence[Sequence[int]] | None = None,
     gold: Sequence[Sequence[str]] | None = None,
+    contexts: Sequence[str] | None = None,
+    context_max_length: int = 0,
 ) -> list[Window]:
     """Split sentences into windows of at most ``max_length`` sub-tokens.
 
     Args:
         sentences: word sequences.
         tokenizer: the encoder's fast tokenizer.
-        max_length: sub-tokens per window including [CLS] and [SEP].
+        max_length: sub-tokens per window including [CLS] and [SEP] (the tweet part).
         tags: tag ids per word (training/evaluation) or None.
         gold: BIO2 gold labels per word, for the entity spans heads may read.
+        contexts: one context text per sentence ("" for none), read after every window
+            of the sentence as the pair's second part; None for none.
+        context_max_length: the context's sub-token budget (it is cut to it).
 
     Returns:
         Windows in sentence order; every word belongs to exactly one window.
     """
+    windows = _tweet_windows(sentences, tokenizer, max_length, tags, gold)
+    if contexts is not None and any(contexts):
+        add_context(windows, contexts, tokenizer, context_max_length)
+    return windows
+
+
+def add_context(windows: list[Window], contexts: Sequence[str], tokenizer, budget: int) -> None:
+    """Turn each window with a non-empty context into the tokenizer's pair encoding.
+
+    Args:
+        windows: windows without context (changed in place).
+        contexts: per sentence (indexed by ``Window.item``).
+        tokenizer: the encoder's fast tokenizer.
+        budget: the context's sub-token budget.
+    """
+    template = PairTemplate.of(tokenizer)
+    memo: dict[str, list[int]] = {}
+    for win in windows:
+        text = contexts[win.item]
+        if not text:
+            continue
+        if text not in memo:
+            memo[text] = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:budget]
+        ctx = memo[text]
+        if not ctx:
+            continue
+        tweet = win.input_ids[1:-1]
+        a = list(template.prefix) + tweet + list(template.middle)
+        win.input_ids = a + ctx + list(template.suffix)
+        if template.type_a is not None:
+            win.token_type_ids = [template.type_a] * len(a) + [template.type_b] * (len(ctx) + len(template.suffix))
+
+
+def _tweet_windows(sentences, tokenizer, max_length, tags, gold) -> list[Window]:
     pieces = WordPieces(tokenizer)
     cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
     budget = max_length - 2
@@ -282,6 +408,10 @@ class Batch:
     Attributes:
         windows: window indices in the dataset (to map predictions back to words).
         input_ids: (B, T) long; attention_mask: (B, T) bool.
+        tweet_len: (B,) long sub-tokens of each window's tweet part (its first
+            ``tweet_len`` positions); less than the length when it reads a context.
+        token_type_ids: (B, T) long segment ids, or None (no context, or a tokenizer
+            without them).
         sub_labels: (B, T) long tag ids at first sub-tokens, -100 elsewhere (or None).
         word_pos: (B, W) long first sub-token positions; word_mask: (B, W) bool.
         word_tags: (B, W) long gold tags (0 at padding) or None.
@@ -303,6 +433,8 @@ class Batch:
     entity_spans: torch.Tensor | None = None
     entity_mask: torch.Tensor | None = None
     text_teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    tweet_len: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         def mv(x):
@@ -331,6 +463,8 @@ class NerDataset(torch.utils.data.Dataset):
         visual: a :class:`VisualStore` (or None for text-only models).
         teacher: per-sentence text-teacher arrays ``{"sentence": (N, Dc),
             "entities": (N, Emax, Dc), "entity_count": (N,)}`` or None.
+        contexts: per-sentence context texts (see :func:`make_windows`) or None.
+        context_max_length: the context's sub-token budget.
     """
 
     def __init__(
@@ -343,12 +477,16 @@ class NerDataset(torch.utils.data.Dataset):
         labels: Sequence[Sequence[str]] | None = None,
         visual: VisualStore | None = None,
         teacher: dict[str, np.ndarray] | None = None,
+        contexts: Sequence[str] | None = None,
+        context_max_length: int = 0,
     ):
         self.sentences = [list(s) for s in sentences]
         self.image_ids = list(image_ids)
         self.tokenizer = tokenizer
         tags = [tagset.encode(lab) for lab in labels] if (tagset and labels is not None) else None
-        self.windows = make_windows(self.sentences, tokenizer, max_length, tags, labels)
+        self.windows = make_windows(
+            self.sentences, tokenizer, max_length, tags, labels, contexts, context_max_length
+        )
         self.has_labels = tags is not None
         self.visual = visual
         self.teacher = teacher
@@ -382,6 +520,13 @@ class NerDataset(torch.utils.data.Dataset):
             else:  # an empty sentence: the CRF needs one position; [CLS] stands in
                 word_mask[b, 0] = True
         batch = Batch(list(indices), input_ids, attention, word_pos, word_mask)
+        batch.tweet_len = torch.tensor([w.tweet_len for w in wins], dtype=torch.long)
+        if any(w.token_type_ids is not None for w in wins):
+            types = torch.zeros(B, T, dtype=torch.long)
+            for b, w in enumerate(wins):
+                if w.token_type_ids is not None:
+                    types[b, : len(w.token_type_ids)] = torch.tensor(w.token_type_ids)
+            batch.token_type_ids = types
         if self.has_labels:
             sub = torch.full((B, T), -100, dtype=torch.long)
             tags = torch.zeros(B, W, dtype=torch.long)

@@ -147,6 +147,8 @@ def evaluate_run(
     features: Path | None = None,
     device: str = "auto",
     pred_out: Path | None = None,
+    context_file: Path | None = None,
+    view: str | None = None,
 ) -> dict:
     """Score a trained run on a CoNLL file.
 
@@ -158,6 +160,10 @@ def evaluate_run(
         features: the feature cache to read (default: the one the run was trained on).
         device: where to run.
         pred_out: optionally write the predictions there as BIO2 CoNLL.
+        context_file: the context file for a run that reads one (default: the run's
+            own, which must be unchanged; see :func:`mner.train.context.run_contexts`).
+        view: decode this view (``context`` or ``tweet``) instead of the run's
+            ``decode_view`` (``tweet`` reads no context).
 
     Returns:
         The R record: ``{"overall", "per_type", "image_dependent"}``.
@@ -170,14 +176,24 @@ def evaluate_run(
     if not data_file.is_file():
         raise DataError(f"{data_file}: no such file; pass a CoNLL file such as DIR/test.txt")
     lr = load_run(run, seed, device)
+    if view is not None:
+        if view not in ("context", "tweet"):
+            raise ConfigError(f"--view {view!r}: choose context or tweet")
+        lr.cfg = dataclasses.replace(lr.cfg, decode_view=view)
+        lr.model.decode_view = view
     tweets = read_conll(data_file)
+    from mner.train.context import CACHE_SOURCES, context_budget, run_contexts
+
     cache = None
-    if lr.needs:
+    reads_cache_text = lr.cfg.decode_view == "context" and any(s in CACHE_SOURCES for s in lr.cfg.context)
+    if lr.needs or reads_cache_text:
         path = Path(features) if features else lr.cache_path
         if path is None:
             raise ConfigError(f"{run}: model {lr.cfg.model!r} needs features; pass --features CACHE.h5")
         cache = FeatureCache(path)
-        cache.require(lr.needs, expect={"profile": lr.cfg.profile})
+        if lr.needs:
+            cache.require(lr.needs, expect={"profile": lr.cfg.profile})
+    contexts = run_contexts(lr.cfg, lr.provenance, tweets, cache=cache, context_file=context_file, where=str(run))
     ds = NerDataset(
         [t.tokens for t in tweets],
         [t.image_id for t in tweets],
@@ -185,7 +201,9 @@ def evaluate_run(
         lr.cfg.max_length,
         lr.tagset,
         [t.labels for t in tweets],
-        VisualStore(cache, lr.needs, [t.image_id for t in tweets]) if cache is not None else None,
+        VisualStore(cache, lr.needs, [t.image_id for t in tweets]) if cache is not None and lr.needs else None,
+        contexts=contexts,
+        context_max_length=context_budget(lr.cfg, lr.model.encoder, lr.tokenizer),
     )
     tags, _ = predict_words(lr.model, ds, lr.device, lr.cfg.eval_batch_size, lr.precision)
     pred = [lr.tagset.decode(t) for t in tags]

@@ -6,6 +6,16 @@ word (continuation sub-tokens carry none), so a sub-token CRF would have to lear
 transitions across unlabeled positions and its decoding could disagree within a word;
 at word level each transition is between two consecutive labeled words, exactly the
 BIO/BIOES constraint the CRF is there to learn, and Viterbi gives one tag per word.
+
+With context (see :mod:`mner.train.data`) the encoder reads the pair ``tweet +
+context``, and the head receives the encoder's states of the tweet part only (the first
+``tweet_len`` positions, laid out exactly as a window without context: [CLS], the
+tweet's sub-tokens, [SEP], padding), so every head works unchanged and the CRF covers
+the tweet's words only. The *tweet view* is the same tagger reading the tweet part
+alone. ITA's cross-view alignment (Wang et al., NAACL 2022, Sec. "Cross-View
+Alignment") trains both views and adds ``KL(q_context || q_tweet)`` summed over the
+words, where ``q`` are the CRF's posterior marginals per word (forward-backward) and the
+context view is the teacher (no gradient flows into it through the KL).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from torch import nn
 from torchcrf import CRF
 
 from mner.train import distributed
+from mner.train.crf import log_marginals
 from mner.train.data import Batch
 from mner.train.heads.base import FusionHead, HeadInput, HeadOutput
 
@@ -64,8 +75,15 @@ class Tagger(nn.Module):
         dropout: dropout on the head's output before the emission layer.
     """
 
-    def __init__(self, encoder: nn.Module, head: FusionHead, tag_names, dropout: float):
+    def __init__(
+        self, encoder: nn.Module, head: FusionHead, tag_names, dropout: float, *,
+        cross_view_weight: float = 0.0, decode_view: str = "context",
+    ):
         super().__init__()
+        #: Weight of ITA's cross-view KL (0: the tweet view is not trained).
+        self.cross_view_weight = float(cross_view_weight)
+        #: The view :meth:`decode` reads: ``context`` or ``tweet``.
+        self.decode_view = decode_view
         self.encoder = encoder
         self.head = head
         self.tag_names = tuple(tag_names)
@@ -75,37 +93,87 @@ class Tagger(nn.Module):
         if getattr(head, "encoder_pooler", False):
             self.register_load_state_dict_pre_hook(_pooler_moved)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, HeadOutput]:
+    def encode(
+        self, batch: Batch, view: str = "context"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Encoder states of the tweet part of each window, for the head.
+
+        A head that fuses inside the encoder's layers (``fuses_in_encoder``, MGIPS-CL)
+        runs the layers itself; every other head reads the encoder's output.
+
+        Args:
+            batch: the batch.
+            view: ``context`` reads the whole input (tweet + context, if any);
+                ``tweet`` reads the tweet part alone.
+
+        Returns:
+            ``(hidden, token_mask, pooled)``: (B, Tt, Dt) states and (B, Tt) bool mask of
+            the tweet part, laid out as a window without context ([CLS] tweet [SEP]), and
+            the encoder's pooler output (B, Dt), or None when it has none.
+        """
+        tweet_len = getattr(batch, "tweet_len", None)
+        types = getattr(batch, "token_type_ids", None)
+        if tweet_len is None:  # a batch built without context support: the plain model
+            inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long()}
+            enc, pooled = self._run_encoder(batch, inputs)
+            return enc, batch.attention_mask, pooled
+        T = batch.input_ids.shape[1]
+        Tt = int(tweet_len.max())
+        pos = torch.arange(Tt, device=batch.input_ids.device)
+        tweet_mask = pos.unsqueeze(0) < tweet_len.unsqueeze(1)  # (B, Tt)
+        if Tt == T and types is None:
+            view = "tweet"  # no window reads a context: both views are the plain model
+        if view == "tweet":
+            pad = int(getattr(self.encoder.config, "pad_token_id", None) or 0)
+            ids = batch.input_ids[:, :Tt].masked_fill(~tweet_mask, pad)
+            enc, pooled = self._run_encoder(batch, {"input_ids": ids, "attention_mask": tweet_mask.long()})
+            return enc, tweet_mask, pooled
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long()}
+        if types is not None:
+            inputs["token_type_ids"] = types
+        enc, pooled = self._run_encoder(batch, inputs)  # (B, T, Dt)
+        return enc[:, :Tt], tweet_mask, pooled
+
+    def _run_encoder(self, batch: Batch, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(last hidden states (B, T, Dt), pooler output (B, Dt) or None)`` of ``inputs``."""
+        if getattr(self.head, "fuses_in_encoder", False):
+            # The head runs the encoder's layers itself (fusion inside them, MGIPS-CL).
+            hidden = self.head.encode(self.encoder, inputs, batch.visual, batch.visual_masks,
+                                      batch.image_mask)
+            return hidden, None
+        out = self.encoder(**inputs)
+        return out.last_hidden_state, getattr(out, "pooler_output", None)
+
+    def forward(self, batch: Batch, view: str = "context") -> tuple[torch.Tensor, HeadOutput]:
         """Emission scores per word.
+
+        Args:
+            batch: the batch.
+            view: ``context`` (the input as built, with its context if any) or
+                ``tweet`` (the tweet part alone); see :meth:`encode`.
 
         Returns:
             ``(emissions, head_output)``: emissions (B, W, K) in float32, and what the
             head returned (aux losses, diagnostics).
         """
-        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask.long()}
-        if getattr(self.head, "fuses_in_encoder", False):
-            # The head runs the encoder's layers itself (fusion inside them, MGIPS-CL).
-            enc_out = None
-            enc = self.head.encode(self.encoder, inputs, batch.visual, batch.visual_masks,
-                                   batch.image_mask)  # (B, T, Dt)
-        else:
-            enc_out = self.encoder(**inputs)
-            enc = enc_out.last_hidden_state  # (B, T, Dt)
+        enc, token_mask, pooled = self.encode(batch, view)  # (B, Tt, Dt)
+        Tt = enc.shape[1]
+        labels = batch.sub_labels[:, :Tt] if batch.sub_labels is not None else None
         # HeadInput keeps the contract's masks (bool token_mask, an image_mask even for a
         # batch without images), so no head re-defaults them.
         out = self.head(
             HeadInput(
                 hidden=enc,
-                token_mask=batch.attention_mask,
+                token_mask=token_mask,
                 visual=batch.visual,
                 visual_masks=batch.visual_masks,
                 image_mask=batch.image_mask,
-                labels=batch.sub_labels,
+                labels=labels,
                 label_names=self.tag_names,
                 entity_spans=batch.entity_spans,
                 entity_mask=batch.entity_mask,
                 text_teacher=batch.text_teacher,
-                pooled=getattr(enc_out, "pooler_output", None),  # (B, Dt) or None
+                pooled=pooled,  # (B, Dt) or None
             )
         )
         h = out.hidden  # (B, T, H)
@@ -140,14 +208,53 @@ class Tagger(nn.Module):
         for name, value in out.aux_losses.items():
             total = total + value.float()
             parts[name] = float(value.detach())
+        if self.cross_view_weight > 0 and self.reads_context(batch):
+            # ITA: the tweet view is trained too (its own CRF NLL), and pulled towards the
+            # context view's per-word marginals, which act as a fixed teacher.
+            em_tweet, _ = self(batch, view="tweet")
+            nll_tweet = -self.crf(em_tweet, batch.word_tags, mask=batch.word_mask, reduction="mean")
+            kl = cross_view_kl(self.crf, emissions.detach(), em_tweet, batch.word_mask)
+            total = total + nll_tweet + self.cross_view_weight * kl
+            parts["crf_tweet"] = float(nll_tweet.detach())
+            parts["cross_view_kl"] = float(kl.detach())
         return total, parts
+
+    @staticmethod
+    def reads_context(batch: Batch) -> bool:
+        """True when some window of the batch reads a context."""
+        tweet_len = getattr(batch, "tweet_len", None)
+        if tweet_len is None:
+            return False
+        return getattr(batch, "token_type_ids", None) is not None or int(tweet_len.max()) < batch.input_ids.shape[1]
 
     @torch.no_grad()
     def decode(self, batch: Batch) -> tuple[list[list[int]], dict[str, torch.Tensor]]:
-        """Viterbi tag ids per window (one per word) and the head's diagnostics (B,)."""
-        emissions, out = self(batch)
+        """Viterbi tag ids per window (one per word) and the head's diagnostics (B,).
+
+        The view decoded is :attr:`decode_view` (``context`` unless set otherwise).
+        """
+        emissions, out = self(batch, view=self.decode_view)
         paths = self.crf.decode(emissions, mask=batch.word_mask)
         return paths, {k: v.detach().float().cpu() for k, v in out.diagnostics.items()}
+
+
+def cross_view_kl(crf: CRF, teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """ITA's cross-view alignment: ``sum_i KL(q_teacher(y_i) || q_student(y_i))``, batch mean.
+
+    Args:
+        crf: the tagger's CRF.
+        teacher: (B, W, K) emissions of the tweet+context view (detached by the caller).
+        student: (B, W, K) emissions of the tweet-only view.
+        mask: (B, W) bool word mask.
+
+    Returns:
+        A scalar: the KL summed over each window's words, averaged over the batch (the
+        reduction of the CRF negative log-likelihood it is added to).
+    """
+    log_t = log_marginals(crf, teacher, mask).detach()
+    log_s = log_marginals(crf, student, mask)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # (B, W)
+    return (kl * mask.float()).sum() / mask.shape[0]
 
 
 def param_groups(model: Tagger, lr_encoder: float, lr_head: float, weight_decay: float):

@@ -316,7 +316,10 @@ def build_model(cfg, seed: int, enc, tagset, feature_dims: dict):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = build_head(cfg, enc, feature_dims)
-        return Tagger(enc, head, tagset.names, cfg.dropout)
+        return Tagger(
+            enc, head, tagset.names, cfg.dropout,
+            cross_view_weight=cfg.cross_view_weight if cfg.cross_view else 0.0, decode_view=cfg.decode_view,
+        )
 
 
 def load_weights(model, path: Path, *, strict: bool = True) -> tuple[list, list]:

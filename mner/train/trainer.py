@@ -64,6 +64,7 @@ from mner.provenance import mner_version, sha256_file
 from mner.train import distributed
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig
+from mner.train.context import context_budget, split_contexts
 from mner.train.data import NerDataset, TagSet, VisualStore, bucket_batches
 from mner.train.distributed import World
 from mner.train.evaluation import group_diagnostics, marked_for, predict_words, score_split
@@ -138,12 +139,19 @@ def open_cache(cfg: TrainConfig, features: Path | None):
             dataset, or it was extracted with another profile.
     """
     from mner.cache.reader import FeatureCache
+    from mner.train.context import CACHE_SOURCES, check_cache_sources
 
     head_cls = cfg.head_class()
     needs = tuple(head_cls.required_features(cfg.head_config()))
     teacher = bool(head_cls.needs_text_teacher)
+    context_needs = [s for s in cfg.context if s in CACHE_SOURCES]
     if not needs and not teacher:
-        return None, needs
+        if not context_needs:
+            return None, needs
+        # A text-only head reading image text: the cache serves the context strings only.
+        cache = FeatureCache(features) if features is not None else None
+        check_cache_sources(cache, cfg.context)
+        return cache, needs
     if features is None:
         what = ", ".join(needs) if needs else "clip_text"
         raise CacheError(
@@ -152,6 +160,7 @@ def open_cache(cfg: TrainConfig, features: Path | None):
         )
     cache = FeatureCache(features)
     cache.require(list(needs) + (["clip_text/sentence"] if teacher else []), expect={"profile": cfg.profile})
+    check_cache_sources(cache, cfg.context)
     return cache, needs
 
 
@@ -210,7 +219,7 @@ class _Split:
         self.name, self.tweets, self.dataset = name, tweets, dataset
 
 
-def _datasets(cfg, splits, tokenizer, tagset, cache, needs) -> dict[str, _Split]:
+def _datasets(cfg, splits, tokenizer, tagset, cache, needs, contexts=None, budget=0) -> dict[str, _Split]:
     teacher_on = cache is not None and cfg.head_class().needs_text_teacher
     out = {}
     for name in ("train", "valid", "test"):
@@ -222,7 +231,7 @@ def _datasets(cfg, splits, tokenizer, tagset, cache, needs) -> dict[str, _Split]
         teacher = cache.load_text([t.key for t in tweets]) if teacher_on and name == "train" else None
         ds = NerDataset(
             [t.tokens for t in tweets], ids, tokenizer, cfg.max_length, tagset,
-            [t.labels for t in tweets], visual, teacher,
+            [t.labels for t in tweets], visual, teacher, (contexts or {}).get(name), budget,
         )
         out[name] = _Split(name, tweets, ds)
     return out
@@ -517,6 +526,8 @@ class RunContext:
     world: World = field(default_factory=World)
     #: ``single``, ``ddp`` or ``seeds`` (see :func:`mner.train.distributed.choose_mode`)
     mode: str = "single"
+    #: split -> one context text per tweet (empty without ``train.context``).
+    contexts: dict = field(default_factory=dict)
 
     @property
     def ddp(self) -> bool:
@@ -530,7 +541,11 @@ class RunContext:
 
 
 def _open_inputs(cfg: TrainConfig, data, features: Path | None, report: bool):
-    """Read the splits, open the cache and (``report``: on rank 0) check image coverage."""
+    """Read the splits, open the cache and (``report``: on rank 0) check image coverage.
+
+    Returns ``cfg`` too: with the paper profile it takes the recipe's values for the
+    dataset (:meth:`TrainConfig.for_dataset`), so it must replace the caller's.
+    """
     from mner.data.dataset import load_splits
 
     splits = load_splits(data)
@@ -538,6 +553,7 @@ def _open_inputs(cfg: TrainConfig, data, features: Path | None, report: bool):
         if not splits.get(need):
             raise DataError(f"{data}: no {need} split (train.txt and valid.txt or dev.txt are needed)")
     cache, needs = open_cache(cfg, features)
+    contexts, context_record = split_contexts(cfg, splits, cache)
     data_dir = Path(data) if isinstance(data, (str, Path)) and Path(data).is_dir() else Path(splits["train"][0].source).parent
     # The paper recipe's per-dataset values: the data folder's name when dataset_name is unset.
     cfg = cfg.for_dataset(data_dir.resolve().name)
@@ -545,7 +561,7 @@ def _open_inputs(cfg: TrainConfig, data, features: Path | None, report: bool):
     if report and cache is not None and needs:
         coverage = image_coverage(cache, splits)
         check_coverage(cfg, cache, coverage, data_dir)
-    return splits, cache, needs, data_dir, coverage
+    return cfg, splits, cache, needs, data_dir, coverage, contexts, context_record
 
 
 def _train_run(cfg: TrainConfig, data, features, out, resume: bool, overwrite: bool) -> dict:
@@ -561,7 +577,7 @@ def _train_ranks(cfg: TrainConfig, data, features, out, resume: bool, overwrite:
     folder = RunFolder(Path(out))
     features = Path(features) if features is not None else None
     # Checks every rank would fail alike are made (and reported) by rank 0 first.
-    splits, cache, needs, data_dir, coverage = distributed.main_first(
+    cfg, splits, cache, needs, data_dir, coverage, contexts, context_record = distributed.main_first(
         lambda: _open_inputs(cfg, data, features, report=w.is_main), w
     )
     try:
@@ -573,11 +589,12 @@ def _train_ranks(cfg: TrainConfig, data, features, out, resume: bool, overwrite:
                 precision = run_precision(cfg, device, folder, resume)
                 _prepare_out(cfg, folder, resume, overwrite)
                 _write_provenance(cfg, folder, splits, data_dir, cache, needs, precision, coverage,
-                                  {"world_size": w.world_size, "mode": mode})
+                                  {"world_size": w.world_size, "mode": mode}, context_record)
                 return precision
 
             precision = distributed.on_main(prepare, w)
-            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume, w, mode)
+            ctx = RunContext(cfg, folder, splits, data_dir, cache, needs, device, precision, resume, w, mode,
+                             contexts)
             if mode == "seeds":
                 runs = _seed_parallel(ctx)
             else:
@@ -649,7 +666,8 @@ def _prepare_out(cfg: TrainConfig, folder: RunFolder, resume: bool, overwrite: b
 
 
 def _write_provenance(cfg, folder: RunFolder, splits, data_dir: Path, cache, needs, precision: str,
-                      coverage: dict | None, parallel: dict | None = None) -> None:
+                      coverage: dict | None, parallel: dict | None = None,
+                      context: dict | None = None) -> None:
     files = sorted({t.source for tweets in splits.values() for t in tweets[:1]})
     prov = {
         "dataset": {
@@ -676,6 +694,10 @@ def _write_provenance(cfg, folder: RunFolder, splits, data_dir: Path, cache, nee
     if coverage is not None:
         # Per split: tweets, and how many found an ok image row in the cache.
         prov["cache_coverage"] = coverage
+    if context is not None:
+        # Sources, empty contexts per split, and the context file's sha256 (evaluate and
+        # predict check it).
+        prov["context"] = context
     folder.write_provenance(prov)
 
 
@@ -753,7 +775,11 @@ def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
     if continued:
         enc, tokenizer = encoders.load_saved(paths.encoder)
     elif cfg.is_tiny_encoder:
-        enc, tokenizer = encoders.build_tiny([t.tokens for t in ctx.splits["train"]], seed, cfg.max_length)
+        # With context, the tiny vocabulary also learns the train contexts' words (an
+        # empty context adds nothing, so the plain model is unchanged).
+        texts = [t.tokens for t in ctx.splits["train"]] + [c.split() for c in ctx.contexts.get("train", []) if c]
+        positions = cfg.max_length + (cfg.context_max_length + 8 if cfg.context else 0)
+        enc, tokenizer = encoders.build_tiny(texts, seed, positions)
     else:
         enc, tokenizer = encoders.load_pretrained(cfg.encoder)
     types = {lab[2:] for t in ctx.splits["train"] for lab in t.labels if lab != "O"}
@@ -768,7 +794,8 @@ def setup_seed(ctx: RunContext, seed: int) -> SeedRun:
     distributed.on_main(write_seed_files, w)
 
     model = build_model(cfg, seed, enc, tagset, feature_dims(cfg, ctx.cache, ctx.needs)).to(ctx.device)
-    sets = _datasets(cfg, ctx.splits, tokenizer, tagset, ctx.cache, ctx.needs)
+    sets = _datasets(cfg, ctx.splits, tokenizer, tagset, ctx.cache, ctx.needs, ctx.contexts,
+                     context_budget(cfg, enc, tokenizer))
 
     total_steps = math.ceil(len(sets["train"].dataset) / global_batch(cfg, ctx.ranks)) * cfg.epochs
     optimizer = make_optimizer(model, cfg)

@@ -8,7 +8,7 @@ import importlib
 
 from mner.train.heads.base import HEADS, FusionHead, HeadInput, HeadOutput, get_head, register
 
-_HEAD_MODULES = ("bert_crf", "umt", "maf", "bfcl", "mgc", "mgips_cl", "hamlearning")
+_HEAD_MODULES = ("bert_crf", "umt", "maf", "bfcl", "mgc", "mgips_cl", "hamlearning", "ita")
 
 for _m in _HEAD_MODULES:
     importlib.import_module(f"{__name__}.{_m}")
