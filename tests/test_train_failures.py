@@ -147,7 +147,8 @@ def test_the_lock_is_held_for_the_whole_run(small_data, tmp_path):
 def test_a_cache_of_another_dataset_stops_training(tiny_cache, tmp_path, mner_cli):
     from mner.data.sample import SampleConfig, generate
 
-    other = generate(SampleConfig(seed=77, n_train=30, n_valid=10, n_test=10), tmp_path / "other")
+    other = generate(SampleConfig(seed=77, n_train=30, n_valid=10, n_test=10, ocr_dependent_share=0.0),
+                     tmp_path / "other")
     out = tmp_path / "run"
     code, _, err = mner_cli(*_train_args(other, out, model="umt"), "--features", tiny_cache)
     assert code == 2
