@@ -105,7 +105,7 @@ def test_evaluate_pred_into_a_path_under_a_file(sample_dir, a_file, mner_cli, mo
     from mner.data.conll import read_conll, write_conll
     from mner.train import evaluation
 
-    def evaluate_run(run, data, *, seed, features, device, pred_out):
+    def evaluate_run(run, data, *, seed, features, device, pred_out, **_):
         write_conll(pred_out, read_conll(data))
         raise AssertionError("unreachable: the write must fail")
 

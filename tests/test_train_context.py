@@ -188,6 +188,8 @@ class Spy(torch.nn.Module):
     """An identity head that records what it received."""
 
     out_dim = 32
+    emission_dropout = True  # the FusionHead contract's defaults the tagger reads
+    crf_reduction = "mean"
 
     def forward(self, batch):
         from mner.train.heads.base import HeadOutput

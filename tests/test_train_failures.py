@@ -292,7 +292,9 @@ def test_a_file_size_limit_while_checkpointing_is_one_line(small_data, reference
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = _cli(*_train_args(small_data, out), preexec_fn=limited)
+    # Run outside the repository: inside it dvclive opens the project's DVC state, a
+    # SQLite file that the whole test suite grows, and the limit would hit it first.
+    proc = _cli(*_train_args(small_data, out), preexec_fn=limited, cwd=tmp_path)
     _, err = proc.communicate(timeout=300)
     ckpt = out / "seed_1" / "checkpoint"
     assert proc.returncode == 2, err

@@ -214,8 +214,22 @@ def evaluate(
     features: PathLike | None = None,
     device: str = "auto",
     pred_out: PathLike | None = None,
+    context_file: PathLike | None = None,
+    view: str | None = None,
 ) -> dict:
     """``mner evaluate``: score a trained run (or exported model) on a CoNLL file.
+
+    Args:
+        run: the run folder, or a folder ``mner export`` wrote.
+        data: the CoNLL file to score.
+        seed: which seed's model (default: the best on dev).
+        features: the feature cache of ``data``'s images (default: the run's).
+        device: ``auto``, ``cpu`` or ``cuda[:i]``.
+        pred_out: also write the predictions there (BIO2 CoNLL).
+        context_file: for a run that reads a context file: the file (default: the run's,
+            unchanged).
+        view: ``context`` or ``tweet``: which view to decode (default: the run's
+            ``decode_view``).
 
     Returns:
         ``{"overall", "per_type", "image_dependent"}`` with precision, recall, F1 (in
@@ -224,7 +238,8 @@ def evaluate(
     from mner.train.evaluation import evaluate_run
 
     return evaluate_run(Path(run), Path(data), seed=seed, features=None if features is None else Path(features),
-                        device=device, pred_out=None if pred_out is None else Path(pred_out))
+                        device=device, pred_out=None if pred_out is None else Path(pred_out),
+                        context_file=None if context_file is None else Path(context_file), view=view)
 
 
 def export(run: PathLike, out: PathLike, *, seed: int | None = None, overwrite: bool = False) -> Path:

@@ -48,6 +48,8 @@ def report(
     rows = sum(summary["datasets"].values())
     per_ds = ", ".join(f"{ds}: {n}" for ds, n in summary["datasets"].items())
     typer.echo(f"report: {rows} row{'s' if rows != 1 else ''} ({per_ds}) -> {cfg.out}/results.md")
+    for ds, why in summary.get("not_compared", {}).items():
+        typer.echo(f"report: {ds}: no significance tests or cases.html: {why}")
 
 
 class _WarningLines(logging.Handler):

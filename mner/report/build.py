@@ -53,7 +53,8 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
 
     Returns:
         ``{"out", "files": [written paths], "datasets": {name: number of rows},
-        "skipped": [{"path", "reason"}]}``.
+        "skipped": [{"path", "reason"}], "not_compared": {dataset: why it has no
+        significance tests or cases}}``.
 
     Raises:
         DataError: when no usable run is left, or a run's files are malformed.
@@ -85,6 +86,8 @@ def build_report(cfg: ReportConfig, runs: Sequence[Path]) -> dict[str, Any]:
         "files": [str(p) for p in written],
         "datasets": {t.dataset: len(t.rows) for t in tabs},
         "skipped": [{"path": str(p), "reason": r} for p, r in skipped],
+        # datasets without significance tests or cases, and why (the runs' test file)
+        "not_compared": {c.dataset: c.reason for c in comparisons if c.test is None},
     }
 
 
