@@ -255,6 +255,9 @@ def test_cli_models_recipe_shows_values_and_sources(mner_cli):
     assert code == 2 and "unknown model 'nope'" in err and len(err.strip().splitlines()) == 1
     code, out, _ = mner_cli("models")  # without --recipe: one line per head, as before
     assert code == 0 and len(out.strip().splitlines()) == len(HEADS)
+    # the context presets say what they read
+    ita = next(line for line in out.splitlines() if line.startswith("ita "))
+    assert ita.endswith("[features: none; context: tags, caption, ocr]")
 
 
 def _report_run(root, name, model, config, dataset="twitter2015"):

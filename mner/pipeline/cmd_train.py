@@ -261,6 +261,7 @@ def models(
     ``--recipe`` adds under each head the training recipe ``--profile paper`` applies:
     every value (per dataset where it differs) and where it comes from.
     """
+    from mner.train.config import CONTEXT_PRESETS
     from mner.train.heads.base import HEADS, get_head
     from mner.train.recipes import recipe_of
 
@@ -269,7 +270,10 @@ def models(
     for name in names:
         cls = HEADS[name]
         needs = list(cls.needs) + (["clip_text"] if cls.needs_text_teacher else [])
-        typer.echo(f"{name:12} {cls.summary}  [features: {', '.join(needs) or 'none'}]")
+        # A context preset reads text features (or a --context-file) through its context.
+        context = [s if s != "file" else "--context-file" for s in CONTEXT_PRESETS.get(name, {}).get("context", ())]
+        extra = f"; context: {', '.join(context)}" if context else ""
+        typer.echo(f"{name:12} {cls.summary}  [features: {', '.join(needs) or 'none'}{extra}]")
         if not recipe:
             continue
         r = recipe_of(cls) or recipe_of(get_head("bert_crf"))
