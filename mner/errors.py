@@ -29,3 +29,18 @@ class WeightsError(MnerError):
 
 class LockError(MnerError):
     """Another live process is writing the same output (cache file, run folder, report)."""
+
+
+def json_kind(value: object) -> str:
+    """A JSON value's kind in words, for one-line messages about malformed input files."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"

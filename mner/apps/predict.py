@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from mner.data.images import ImageStatus
-from mner.errors import ConfigError, DataError
+from mner.errors import ConfigError, DataError, json_kind
 from mner.train.crf import predict_scored
 from mner.train.data import NerDataset, VisualStore
 from mner.train.evaluation import load_run
@@ -531,21 +531,6 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(Path(folder).resolve())
 
 
-def _kind(value: object) -> str:
-    """A JSON value's kind in words, for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
 def _words(value: object, field: str, *, allow_string: bool) -> str | tuple[str, ...]:
     """The ``text``/``tokens`` of a JSON line, or raise ValueError saying what is wrong."""
     wanted = "a string or a list of strings" if allow_string else "a list of strings"
@@ -554,12 +539,12 @@ def _words(value: object, field: str, *, allow_string: bool) -> str | tuple[str,
             raise ValueError(f'"{field}" has no words to tag; give the post\'s text')
         return value
     if not isinstance(value, list):
-        raise ValueError(f'"{field}" must be {wanted}, found {_kind(value)}')
+        raise ValueError(f'"{field}" must be {wanted}, found {json_kind(value)}')
     if not value:
         raise ValueError(f'"{field}" is an empty list; give at least one word')
     for i, tok in enumerate(value):
         if not isinstance(tok, str):
-            raise ValueError(f'"{field}" must be {wanted}, found {_kind(tok)} at position {i}')
+            raise ValueError(f'"{field}" must be {wanted}, found {json_kind(tok)} at position {i}')
         if not tok.strip() or any(c.isspace() for c in tok):
             raise ValueError(f'"{field}"[{i}] is {tok!r}; a token is a non-empty string without spaces')
     return tuple(value)
@@ -568,7 +553,7 @@ def _words(value: object, field: str, *, allow_string: bool) -> str | tuple[str,
 def _json_post(rec: object, n: int, where: str, images_dir: Path | None) -> Post:
     """One JSON line as a :class:`Post`; ValueError with the reason when it is malformed."""
     if not isinstance(rec, dict):
-        raise ValueError(f'expected an object with "text" or "tokens", found {_kind(rec)}')
+        raise ValueError(f'expected an object with "text" or "tokens", found {json_kind(rec)}')
     has = [k for k in ("text", "tokens") if k in rec]
     if not has:
         raise ValueError('the object has no "text" or "tokens"; write {"text": "..."} or {"tokens": [...]}')
@@ -577,7 +562,7 @@ def _json_post(rec: object, n: int, where: str, images_dir: Path | None) -> Post
     text = _words(rec[has[0]], has[0], allow_string=has[0] == "text")
     pid = rec.get("id")
     if pid is not None and (isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip()):
-        raise ValueError(f'"id" must be a non-empty string or an integer, found {_kind(pid)}')
+        raise ValueError(f'"id" must be a non-empty string or an integer, found {json_kind(pid)}')
     post = _json_image(rec, text, n, where, images_dir)
     # The post's own "id" (e.g. a tweet id) names it in the output; else its image id or line.
     return post if pid is None else dataclasses.replace(post, id=str(pid))
@@ -592,13 +577,13 @@ def _json_image(rec: dict, text, n: int, where: str, images_dir: Path | None) ->
         raise ValueError('the object has both "image" and "image_id"; keep one')
     if image is not None:
         if not isinstance(image, str) or not image:
-            raise ValueError(f'"image" must be a file path (a string), found {_kind(image)}')
+            raise ValueError(f'"image" must be a file path (a string), found {json_kind(image)}')
         # An explicit path is the user's own choice of file: used as given.
         return Post(str(n), text, where, Path(image), image)
     if iid is None:
         return Post(str(n), text, where)
     if isinstance(iid, bool) or not isinstance(iid, (str, int)):
-        raise ValueError(f'"image_id" must be a string, found {_kind(iid)}')
+        raise ValueError(f'"image_id" must be a string, found {json_kind(iid)}')
     iid = str(iid)
     if not is_image_id(iid):
         raise ValueError(

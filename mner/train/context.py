@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mner.errors import CacheError, ConfigError, DataError
+from mner.errors import CacheError, ConfigError, DataError, json_kind
 from mner.provenance import sha256_file
 
 #: Context sources, in the order ITA lists them; a run may use any subset in any order.
@@ -63,20 +63,6 @@ def check_sources(sources: Sequence[str], context_file: str | None) -> tuple[str
     if "file" in out and context_file is None:
         raise ValueError("context names 'file' but no context file is given; pass --context-file FILE")
     return out
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return "a string"
 
 
 @dataclass
@@ -145,7 +131,7 @@ def read_context_file(path: str | Path) -> ContextFile:
             raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
                             "write one object per line") from None
         if not isinstance(rec, dict):
-            raise DataError(f'{where}: expected an object {{"image_id": ..., "context": "..."}}, found {_kind(rec)}')
+            raise DataError(f'{where}: expected an object {{"image_id": ..., "context": "..."}}, found {json_kind(rec)}')
         ids = [k for k in ("image_id", "key") if k in rec]
         if len(ids) != 1:
             what = "neither" if not ids else "both"
@@ -155,12 +141,12 @@ def read_context_file(path: str | Path) -> ContextFile:
         if isinstance(ident, int) and not isinstance(ident, bool) and which == "image_id":
             ident = str(ident)  # numeric image ids, as Twitter-2015 writes them
         if not isinstance(ident, str) or not ident:
-            raise DataError(f'{where}: "{which}" must be a non-empty string, found {_kind(ident)}')
+            raise DataError(f'{where}: "{which}" must be a non-empty string, found {json_kind(ident)}')
         if "context" not in rec:
             raise DataError(f'{where}: the object has no "context"; write "context": "..." ("" for none)')
         ctx = rec["context"]
         if not isinstance(ctx, str):
-            raise DataError(f'{where}: "context" must be a string, found {_kind(ctx)}')
+            raise DataError(f'{where}: "context" must be a string, found {json_kind(ctx)}')
         tag = f"{which}:{ident}"
         if tag in first_line:
             raise DataError(f"{where}: {which} {ident!r} is given twice (first at line {first_line[tag]}); "
