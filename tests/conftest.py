@@ -96,3 +96,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(sample_dir, tmp_path_factory):
+    """A tiny BERT + WordPiece tokenizer saved as a Hugging Face folder (the real
+    ``from_pretrained`` loading path, offline)."""
+    from mner.data.conll import read_conll
+    from mner.train import encoder as encoders
+
+    words = [t.tokens for t in read_conll(sample_dir / "train.txt")]
+    model, tok = encoders.build_tiny(words, seed=0)
+    out = tmp_path_factory.mktemp("encoder")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

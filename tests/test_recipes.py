@@ -16,22 +16,10 @@ import torch
 import yaml
 
 from mner.config import build, to_dict
-from mner.data.conll import read_conll
 from mner.train import encoder as encoders
 from mner.train.config import TrainConfig, make_train_config, recipe_mark
 from mner.train.heads.base import HEADS, get_head
 from mner.train.recipes import RECIPE_FIELDS, Recipe, dataset_key
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(sample_dir, tmp_path_factory):
-    """A tiny BERT + WordPiece tokenizer saved as a Hugging Face folder."""
-    words = [t.tokens for t in read_conll(sample_dir / "train.txt")]
-    model, tok = encoders.build_tiny(words, seed=0)
-    out = tmp_path_factory.mktemp("encoder")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

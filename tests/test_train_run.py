@@ -18,25 +18,12 @@ import yaml
 from mner.data.conll import read_conll
 from mner.data.schemes import entities
 from mner.errors import CacheError
-from mner.train import encoder as encoders
 from mner.train.config import make_train_config
 from mner.train.data import NerDataset
 from mner.train.evaluation import evaluate_run, load_run, predict_words
 from mner.train.trainer import STOP_ENV, summarize, train_run
 
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def encoder_dir(sample_dir, tmp_path_factory):
-    """A tiny BERT + WordPiece tokenizer saved as a Hugging Face folder."""
-    torch.set_num_threads(2)
-    words = [t.tokens for t in read_conll(sample_dir / "train.txt")]
-    model, tok = encoders.build_tiny(words, seed=0)
-    out = tmp_path_factory.mktemp("encoder")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def _cfg(encoder_dir, *extra):
