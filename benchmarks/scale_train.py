@@ -39,20 +39,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+def _add(parser: argparse.ArgumentParser, *names: str, **kw) -> None:
+    """Add an option under the names ``parser`` does not have yet: inside scale.py the
+    shared ``--nproc`` (and the short aliases) belong to scale.py itself."""
+    free = [n for n in names if n not in parser._option_string_actions]
+    if free:
+        parser.add_argument(*free, **kw)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The training section's options (prefixed ``--train-`` where scale.py might clash)."""
-    parser.add_argument("--nproc", type=int, default=2, help="ranks of the DDP run (default 2)")
-    parser.add_argument("--train-data", "--data", dest="train_data", default=None,
+    _add(parser, "--nproc", type=int, default=2, help="ranks of the DDP run (default 2)")
+    _add(parser, "--train-data", "--data", dest="train_data", default=None,
                         help="dataset folder (default: generated sample)")
-    parser.add_argument("--train-model", "--model", dest="train_model", default="bert_crf")
-    parser.add_argument("--train-features", "--features", dest="train_features", default=None,
+    _add(parser, "--train-model", "--model", dest="train_model", default="bert_crf")
+    _add(parser, "--train-features", "--features", dest="train_features", default=None,
                         help="feature cache for a head that reads one")
-    parser.add_argument("--train-epochs", "--epochs", dest="train_epochs", type=int, default=3)
-    parser.add_argument("--train-batch-size", "--batch-size", dest="train_batch_size", type=int, default=32,
+    _add(parser, "--train-epochs", "--epochs", dest="train_epochs", type=int, default=3)
+    _add(parser, "--train-batch-size", "--batch-size", dest="train_batch_size", type=int, default=32,
                         help="global batch (each of N ranks takes 1/N)")
-    parser.add_argument("--train-profile", "--profile", dest="train_profile", default="tiny")
-    parser.add_argument("--train-device", dest="train_device", default="auto")
-    parser.add_argument("--train-threads", dest="train_threads", type=int, default=None,
+    _add(parser, "--train-profile", "--profile", dest="train_profile", default="tiny")
+    _add(parser, "--train-device", dest="train_device", default="auto")
+    _add(parser, "--train-threads", dest="train_threads", type=int, default=None,
                         help="intra-op threads per rank on a CPU (default cores // nproc)")
 
 
